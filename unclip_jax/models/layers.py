@@ -197,7 +197,9 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LN residual block: ``x + attn(ln1(x)); x + mlp(ln2(x))`` (CLIP, GLIDE xf, Karlo prior).
 
-    ``__call__(x [B, L, D], mask) -> [B, L, D]``.
+    ``__call__(x [B, L, D], mask, deterministic=True) -> [B, L, D]``. ``dropout`` (default 0, off)
+    is residual dropout on the attention and MLP outputs; it needs a ``'dropout'`` rng when
+    ``deterministic=False``.
     """
 
     num_heads: int
@@ -206,20 +208,25 @@ class TransformerBlock(nn.Module):
     ln_epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    def __call__(self, x: Array, mask: Optional[Array] = None, deterministic: bool = True) -> Array:
         width = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        drop = nn.Dropout(self.dropout, deterministic=deterministic or self.dropout == 0.0)
         h = LayerNorm(self.ln_epsilon, name="ln1", **kw)(x)
-        x = x + MultiHeadAttention(self.num_heads, name="attn", **kw)(h, mask)
+        x = x + drop(MultiHeadAttention(self.num_heads, name="attn", **kw)(h, mask))
         h = LayerNorm(self.ln_epsilon, name="ln2", **kw)(x)
-        x = x + MLP(int(width * self.mlp_ratio), self.activation, name="mlp", **kw)(h)
+        x = x + drop(MLP(int(width * self.mlp_ratio), self.activation, name="mlp", **kw)(h))
         return x
 
 
 class Transformer(nn.Module):
-    """A stack of ``TransformerBlock`` s. ``__call__(x [B, L, D], mask) -> [B, L, D]``."""
+    """A stack of ``TransformerBlock`` s.
+
+    ``__call__(x [B, L, D], mask, deterministic=True) -> [B, L, D]``; ``dropout`` as in the block.
+    """
 
     num_layers: int
     num_heads: int
@@ -228,12 +235,14 @@ class Transformer(nn.Module):
     ln_epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    def __call__(self, x: Array, mask: Optional[Array] = None, deterministic: bool = True) -> Array:
         for i in range(self.num_layers):
             x = TransformerBlock(
                 self.num_heads, self.mlp_ratio, self.activation, self.ln_epsilon,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}",
-            )(x, mask)
+                dtype=self.dtype, param_dtype=self.param_dtype, dropout=self.dropout,
+                name=f"layers_{i}",
+            )(x, mask, deterministic)
         return x

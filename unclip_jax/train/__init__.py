@@ -1,0 +1,10 @@
+"""Train state, optax optimizer, EMA and the generic train step."""
+from unclip_jax.train.ema import EmaConfig, ema_decay_fn, ema_update  # noqa: F401
+from unclip_jax.train.optim import (  # noqa: F401
+    OptimizerConfig,
+    learning_rate_from_state,
+    make_optimizer,
+    make_schedule,
+)
+from unclip_jax.train.state import TrainState  # noqa: F401
+from unclip_jax.train.step import cast_floating, jit_train_step, make_train_step  # noqa: F401
