@@ -104,7 +104,8 @@ def _inputs(cfg=CFG, b=B, seed=1):
     dot = jax.random.randint(ks[1], (b,), 0, cfg.dot_buckets)
     emb = jax.random.normal(ks[2], (b, cfg.clip_dim))
     states = jax.random.normal(ks[3], (b, cfg.num_text_tokens, cfg.states_dim))
-    mask = jnp.arange(cfg.num_text_tokens)[None] < (jnp.arange(b) % cfg.num_text_tokens + 1)[:, None]
+    lengths = jnp.arange(b) % cfg.num_text_tokens + 1
+    mask = jnp.arange(cfg.num_text_tokens)[None] < lengths[:, None]
     return codes, dot, emb, states, mask
 
 

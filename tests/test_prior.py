@@ -17,6 +17,7 @@ from unclip_jax.models.prior import (
     select_best,
     set_clip_stats,
     set_null_condition,
+    split_fused_qkv,
 )
 
 CFG = PriorConfig.tiny()
@@ -214,7 +215,8 @@ def _diffusers_to_ours(sd, cfg):
         return {"ln": {"scale": sd[name + ".weight"], "bias": sd[name + ".bias"]}}
 
     params = {
-        "time_embed": {"fc1": lin("time_embedding.linear_1"), "fc2": lin("time_embedding.linear_2")},
+        "time_embed": {"fc1": lin("time_embedding.linear_1"),
+                       "fc2": lin("time_embedding.linear_2")},
         "clip_img_proj": lin("proj_in"),
         "text_emb_proj": lin("embedding_proj"),
         "text_enc_proj": lin("encoder_hidden_states_proj"),
@@ -293,3 +295,29 @@ def test_karlo_scale_param_count_equals_diffusers():
         ref = diffusers.PriorTransformer()
     theirs = sum(p.numel() for p in ref.parameters())
     assert ours == theirs == 1_022_030_080
+
+
+def test_split_fused_qkv_matches_karlo_attention_layout():
+    """Karlo's QKVMultiheadAttention: qkv = x W^T + b viewed [B, L, H, 3 Dh], split q|k|v."""
+    from unclip_jax.models.layers import MultiHeadAttention
+
+    rng = np.random.RandomState(0)
+    bsz, length, w, heads = 2, 5, 12, 3
+    dh = w // heads
+    wq, bq = rng.randn(3 * w, w) * 0.3, rng.randn(3 * w) * 0.3
+    wo, bo = rng.randn(w, w) * 0.3, rng.randn(w) * 0.3
+    x = rng.randn(bsz, length, w)
+    qkv = (x @ wq.T + bq).reshape(bsz, length, heads, 3 * dh)
+    q, k, v = np.split(qkv, 3, axis=-1)
+    logits = np.einsum("bthc,bshc->bhts", q, k) / np.sqrt(dh)
+    logits = np.where(np.tril(np.ones((length, length), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhts,bshc->bthc", p, v).reshape(bsz, length, w) @ wo.T + bo
+
+    params = split_fused_qkv(wq, bq, heads)
+    params["out"] = {"kernel": wo.T.reshape(heads, dh, w), "bias": bo}
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    got = MultiHeadAttention(heads).apply({"params": params}, jnp.asarray(x, jnp.float32),
+                                          jnp.tril(jnp.ones((length, length), bool)))
+    np.testing.assert_allclose(got, want, atol=1e-4)

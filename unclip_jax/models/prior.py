@@ -25,6 +25,8 @@ Embedding normalisation (Karlo's ``ViT-L-14_stats.th``, diffusers' ``clip_mean``
 lives in the non-trainable ``"buffers"`` collection (``clip_mean [D]``, ``clip_std [D]``) so an
 optimizer never touches it: ``normalize(x) = (x - mean) / std``, ``denormalize`` the inverse. The
 model consumes and predicts *normalised* image embeddings; the text inputs are raw CLIP outputs.
+``apply`` always needs both collections: ``model.apply({'params': p, 'buffers': b}, ...)``
+(differentiate w.r.t. ``params`` only).
 
 Parameter map for converters (ours -> Karlo ``model.*`` -> diffusers ``PriorTransformer``);
 every Karlo / diffusers tensor maps to exactly one of ours with the same number of elements
@@ -55,7 +57,7 @@ out_proj/dense                         out_proj                        proj_to_c
 Karlo's fused ``c_qkv`` weight ``[3W, W]`` is laid out head-major: output row
 ``h * 3 * Dh + s * Dh + c`` for ``s`` in (q, k, v), i.e. ``w.reshape(H, 3, Dh, W)``; so
 ``q_kernel = w.reshape(H, 3, Dh, W)[:, 0].transpose(2, 0, 1)`` (``[W, H, Dh]``) and
-``q_bias = b.reshape(H, 3, Dh)[:, 0]``. diffusers' ``to_q`` weight ``[W, W]`` is
+``q_bias = b.reshape(H, 3, Dh)[:, 0]`` (:func:`split_fused_qkv`). diffusers' ``to_q`` weight ``[W, W]`` is
 ``w.reshape(H, Dh, W).transpose(2, 0, 1)``; ``to_out.0`` weight ``[W, W]`` ->
 ``w.T.reshape(H, Dh, W)``. Karlo's attention scale ``(Dh^-1/4)^2`` equals our ``Dh^-1/2``.
 """
@@ -151,7 +153,7 @@ class PriorConfig:
 
     @classmethod
     def emoji(cls, **kw) -> "PriorConfig":
-        """Suggested emoji-model prior (5.0M params) for a small CLIP (D=256, text width 256)."""
+        """Suggested emoji-model prior (5.2M params) for a small CLIP (D=256, text width 256)."""
         base = dict(clip_dim=256, width=256, num_layers=6, num_heads=4,
                     num_text_tokens=32, text_states_dim=256, dropout=0.1)
         return cls(**{**base, **kw})
@@ -383,6 +385,28 @@ def select_best(candidates: Array, text_emb: Array, cosine: bool = False) -> Arr
     scores = jnp.einsum("bkd,bd->bk", c.astype(jnp.float32), tx.astype(jnp.float32))
     idx = jnp.argmax(scores, axis=-1)
     return jnp.take_along_axis(candidates, idx[:, None, None], axis=1)[:, 0]
+
+
+def split_fused_qkv(weight, bias, num_heads: int) -> dict:
+    """Split a Karlo / GLIDE-xf fused ``c_qkv`` (PyTorch Linear ``weight [3W, W]``,
+    ``bias [3W]``) into our ``{'query'|'key'|'value': {'kernel' [W, H, Dh], 'bias' [H, Dh]}}``.
+
+    The fused output is viewed as ``[..., H, 3 * Dh]`` and split into q, k, v along the last
+    axis (head-major), so row ``h * 3 * Dh + s * Dh + c`` belongs to head ``h``, part ``s``.
+    numpy in, numpy out.
+    """
+    import numpy as np
+
+    weight, bias = np.asarray(weight), np.asarray(bias)
+    three_w, w = weight.shape
+    dh = w // num_heads
+    if three_w != 3 * w or dh * num_heads != w:
+        raise ValueError(f"expected weight [3W, W] with W divisible by {num_heads}, "
+                         f"got {weight.shape}")
+    wr = weight.reshape(num_heads, 3, dh, w)
+    br = bias.reshape(num_heads, 3, dh)
+    return {name: {"kernel": wr[:, s].transpose(2, 0, 1), "bias": br[:, s]}
+            for s, name in enumerate(("query", "key", "value"))}
 
 
 def drop_mask(rng: Array, batch_size: int, p: float) -> Array:

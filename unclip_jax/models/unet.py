@@ -119,7 +119,10 @@ class UNetConfig:
     xf_padding: bool = True
     # Upsampler / inpainting inputs.
     low_res_cond: bool = False
-    low_res_resize_method: str = "bilinear"  # jax.image.resize method ('bilinear', 'bicubic', ..)
+    # jax.image.resize method used when low_res is smaller than x ('bilinear', 'bicubic', ..).
+    # Karlo resizes *outside* the model with torchvision bicubic (a=-0.75; jax's is a=-0.5): for
+    # parity with converted Karlo SR weights, pass low_res already at [B, H, W, C] (used as is).
+    low_res_resize_method: str = "bilinear"
     inpaint: bool = False
     remat: bool = False  # rematerialise res / attention blocks (saves activation memory)
     dtype: Dtype = jnp.float32
