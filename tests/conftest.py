@@ -23,3 +23,14 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, f"expected 8 fake CPU devices, got {len(devs)}"
     return devs
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skipped test is a failure here: nothing skipped may count as passing. Slow tests are
+    deselected by the `-m "not slow"` default (see setup.cfg), not skipped."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and not hasattr(rep, "wasxfail"):
+        rep.outcome = "failed"
+        rep.longrepr = f"test was skipped, which counts as a failure in unclip_jax: {rep.longrepr}"

@@ -4,8 +4,8 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
+import transformers
 
 import jax.numpy as jnp  # noqa: E402
 

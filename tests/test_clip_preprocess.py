@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("transformers")
+import transformers
 
 from unclip_jax.data.clip_preprocess import CLIP_MEAN, CLIP_STD, preprocess, unnormalize  # noqa: E402
 

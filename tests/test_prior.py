@@ -244,8 +244,8 @@ def _diffusers_to_ours(sd, cfg):
 
 
 def test_matches_diffusers_prior_transformer():
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
+    import torch
+    import diffusers
     cfg = PriorConfig(clip_dim=16, width=16, num_layers=2, num_heads=2, num_text_tokens=6,
                       null_cond="buffer")
     torch.manual_seed(0)
@@ -283,9 +283,9 @@ def test_matches_diffusers_prior_transformer():
 
 
 def test_karlo_scale_param_count_equals_diffusers():
-    torch = pytest.importorskip("torch")  # noqa: F841
-    diffusers = pytest.importorskip("diffusers")
-    accelerate = pytest.importorskip("accelerate")
+    import torch  # noqa: F841
+    import diffusers
+    import accelerate
     cfg = PriorConfig.karlo()
     abstract = jax.eval_shape(lambda k: init_prior(cfg, k), jax.random.PRNGKey(0))
     ours = count_params(abstract["params"]) + 2 * cfg.clip_dim  # + clip_mean, clip_std

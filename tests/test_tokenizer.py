@@ -53,7 +53,7 @@ def _open_clip_tokenizer():
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open_clip_torch not installed (pip install --no-deps open_clip_torch==3.3.0)")
+        pytest.fail("open_clip_torch is not installed: run the README test command, or pip install --no-deps open_clip_torch==3.3.0")
     pytest.importorskip("torch")
     path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py")
     mspec = importlib.util.spec_from_file_location("_open_clip_tokenizer", path)
@@ -117,7 +117,7 @@ def test_special_token_strings_as_openai():
 def test_regenerated_vocab_equals_shipped(tmp_path):
     bpe = mcv.find_installed_bpe()
     if bpe is None:
-        pytest.skip("open_clip_torch not installed (pip install --no-deps open_clip_torch==3.3.0)")
+        pytest.fail("open_clip_torch is not installed: run the README test command, or pip install --no-deps open_clip_torch==3.3.0")
     out = mcv.make_clip_tokenizer_files(str(tmp_path), bpe_path=bpe)
     for name in ("vocab.json", "merges.txt"):
         with open(os.path.join(out, name), "rb") as a, \

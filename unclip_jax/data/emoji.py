@@ -45,6 +45,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,12 @@ class EmojiDataset(tfds.core.GeneratorBasedBuilder):
         "Optional: put emoji-datasource-google-16.0.0.tgz and "
         "emoji-datasource-twitter-16.0.0.tgz (from registry.npmjs.org) in manual_dir; "
         "otherwise they are downloaded.")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # tfds's own lookup imports `importlib_resources` (not installed) for editable installs.
+        return epath.Path(__file__)
 
     def __init__(self, *, file_format=None, **kwargs):
         # array_record: random access for tfds.data_source + grain, and no TensorFlow needed.

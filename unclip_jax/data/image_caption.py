@@ -39,6 +39,7 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,11 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     if arr.dtype != np.uint8:
         raise SkipExample("bad_array", f"dtype {arr.dtype}, want uint8")
     if arr.ndim == 2:
-        return Image.fromarray(arr, "L")
+        return Image.fromarray(arr)
     if arr.ndim == 3 and arr.shape[-1] == 3:
-        return Image.fromarray(arr, "RGB")
+        return Image.fromarray(arr)
     if arr.ndim == 3 and arr.shape[-1] == 4:
-        return Image.fromarray(arr, "RGBA")
+        return Image.fromarray(arr)
     raise SkipExample("bad_array", f"shape {arr.shape}, want [H, W], [H, W, 3] or [H, W, 4]")
 
 
@@ -204,6 +205,12 @@ class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "First version."}
     BUILDER_CONFIGS = [ImageCaptionConfig(name=str(s), image_size=s) for s in (64, 256)]
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass folder= or put the images + captions in manual_dir."
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # tfds's own lookup imports `importlib_resources` (not installed) for editable installs.
+        return epath.Path(__file__)
 
     def __init__(self, *, folder: str | None = None, file_format=None, **kwargs):
         self._folder = folder
