@@ -33,6 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
                  attention_resolutions=(), use_middle_attention=False, norm_groups=8,
                  low_res_cond=True, low_res_resize_method="bilinear")]
 
+    # autoregressive prior (``unclip sample --prior ar``): 8 PCA components x 16 buckets
+    c.ar_prior = dict(clip_dim=clip_dim, text_states_dim=text_width, num_text_tokens=text_len,
+                      pca_dims=8, num_buckets=16, dot_buckets=8, width=32, num_layers=2,
+                      num_heads=2, guidance=2.0, temperature=1.0, top_p=1.0, num_candidates=2)
+
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.prior = dict(steps=1000, schedule="cosine", model_output="x0",
                              model_var_type="fixed_small", sample_steps="10", sampler="ddpm",
@@ -42,4 +47,26 @@ def get_config() -> ml_collections.ConfigDict:
                                guidance=3.0, cfg_drop_clip=0.1, cfg_drop_text=0.5)
     c.diffusion.sr = dict(steps=1000, schedule="linear", model_output="eps",
                           model_var_type="fixed_small", sample_steps="5", sampler="ddpm")
+
+    # Training, one section per stage (`unclip train STAGE`; see unclip_jax/train/loop.py).
+    # mesh: data/fsdp/tensor sizes (-1 = the remaining devices; positive sizes whose product is
+    # below the device count use that many devices). total_steps: the LR schedule's length and
+    # the default --steps. save_every / log_every in steps; keep_last checkpoints kept.
+    # max_nonfinite: abort after that many non-finite losses in a row.
+    def train(**kw):
+        base = dict(batch_size=8, learning_rate=1e-4, warmup_steps=100, total_steps=10_000,
+                    weight_decay=0.0, grad_clip_norm=1.0, accum_steps=1, ema_decay=0.9999,
+                    ema_warmup=True, save_every=500, keep_last=3, log_every=50,
+                    max_nonfinite=10, seed=0, mesh=dict(data=-1, fsdp=1, tensor=1))
+        base.update(kw)
+        return base
+
+    c.train = ml_collections.ConfigDict()
+    c.train.clip = train(learning_rate=5e-4, weight_decay=0.1)
+    c.train.prior = train(learning_rate=3e-4, weight_decay=0.01)
+    c.train.decoder = train(vlb_weight=0.001)
+    c.train.sr = train(crop_size=16, blur_sigma=(0.4, 0.6), blur_kernel=3)
+    # inpaint: fine-tuned from the decoder (init_from: a decoder workdir or a model dir).
+    c.train.inpaint = train(vlb_weight=0.001, init_from="", mask_min_frac=0.25,
+                            mask_max_frac=0.75, mask_p_keep_all=0.0)
     return c

@@ -1,17 +1,14 @@
 """EmojiDataset on a tiny fake npm tarball (same layout as emoji-datasource 16.0.0)."""
 import io
 import json
-import os
 import tarfile
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
-tfds = pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("emoji")
-
-from unclip_jax.data import emoji as E  # noqa: E402
+from unclip_jax.data import emoji as E
 
 COLORS = {(0, 0): (200, 0, 0), (1, 0): (0, 200, 0), (2, 0): (0, 0, 200), (0, 1): (10, 20, 30),
           (1, 1): (120, 60, 0)}

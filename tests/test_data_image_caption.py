@@ -4,12 +4,10 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-from unclip_jax.data.image_caption import (ImageCaptionConfig, ImageCaptionFolder,  # noqa: E402
-                                           read_captions)
+from unclip_jax.data.image_caption import ImageCaptionConfig, ImageCaptionFolder, read_captions
 
 
 def _img(path, size, color, mode="RGB"):

@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import tarfile
+import unicodedata
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -97,9 +98,17 @@ def unified_to_char(unified: str) -> str:
     return "".join(chr(int(c, 16)) for c in unified.split("-"))
 
 
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+
+
 def _clean(name: str) -> str:
-    name = name.strip(":").replace("_", " ")
+    name = name.strip(":").replace("_", " ").translate(_QUOTES)
     return re.sub(r"\s+", " ", name).strip().lower()
+
+
+def _ascii_fold(name: str) -> str:
+    """``"flag: côte d'ivoire"`` -> ``"flag: cote d'ivoire"``."""
+    return unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
 
 
 def _emoji_data():
@@ -192,6 +201,8 @@ def emoji_captions(entry: Mapping, style: str | None = None,
         caps.append(f"a {style} emoji of {phrase}")
     caps.append(f"an emoji of {phrase}")
     caps += [n + suffix for n in [unicode_name] + [c for c in cldr if c != main] + short if n]
+    if not title.isascii():
+        caps.append(_ascii_fold(title))
     return _dedupe(caps)
 
 
@@ -275,6 +286,14 @@ def iter_images(entries: Sequence[Mapping], sheet: np.ndarray, style: str):
 
 # ----------------------------------------------------------------------------- builder
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _find_manual(manual_dir, style: str) -> str | None:
     if not manual_dir:
         return None
@@ -336,6 +355,11 @@ class EmojiDataset(tfds.core.GeneratorBasedBuilder):
         for style in STYLES:
             local = _find_manual(manual_dir, style)
             if local:
+                size, sha = TARBALL_CHECKSUMS[style]
+                got = _sha256(local)
+                if got != sha:
+                    log.warning("%s has sha256 %s, not the pinned %s of %s", local, got, sha,
+                                tarball_url(style))
                 paths[style] = local
             else:
                 to_download[style] = tarball_url(style)
@@ -380,6 +404,9 @@ def load_concept_captions(data_dir: str | None = None,
     optionally only those of ``split`` ("train" / "test"). Read from the dataset's metadata."""
     builder = EmojiDataset(data_dir=data_dir)
     meta = builder.info.metadata
+    if not meta or "concept_captions" not in meta:
+        raise FileNotFoundError(f"emoji_dataset is not prepared in {builder.data_dir}; run "
+                                "EmojiDataset(data_dir=...).download_and_prepare() first")
     caps = dict(meta["concept_captions"])
     if split is not None:
         test = set(meta["test_concepts"])

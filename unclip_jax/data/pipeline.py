@@ -12,7 +12,7 @@ O(1) memory, so it scales to any ``n``); process ``p`` of ``P`` (``grain.ShardOp
 default ``ShardByJaxProcess``) takes global positions ``p, p + P, p + 2P, ...`` of each epoch,
 ``n // P`` of them, so all processes run the same number of steps. Batch ``k`` holds local
 positions ``[k B, (k + 1) B)`` (batches run across epoch ends when repeating). Captions are
-drawn with ``np.random.default_rng((seed, k, p))``. The iterator state is therefore just the
+drawn with ``np.random.default_rng((seed, 0, k, p))``. The iterator state is therefore just the
 next batch number (plus the settings it must match), a JSON-able dict::
 
     reader = Reader(source, batch_size=32, seed=0)
@@ -129,7 +129,9 @@ class Reader:
             self.num_batches = (total // self.batch_size if self.drop_remainder
                                 else -(-total // self.batch_size))
         self._next = 0
-        self._pool = None
+        self._pool = (concurrent.futures.ThreadPoolExecutor(self.num_threads)
+                      if self.num_threads > 0 else None)
+        self._batcher = None
         self._queue: collections.deque = collections.deque()
 
     # ------------------------------------------------------------------ order
@@ -175,12 +177,9 @@ class Reader:
         return batch
 
     def _submit(self, k: int):
-        if self.num_batches is not None and k >= self.num_batches:
-            return
-        if self._pool is None and (self.num_threads > 0 or self.prefetch > 0):
-            self._pool = concurrent.futures.ThreadPoolExecutor(max(1, self.num_threads))
-        self._queue.append((k, self._pool.submit(self.make_batch, k) if self.prefetch > 0
-                            else None))
+        if self._batcher is None:  # one thread assembles batches ahead; _pool decodes
+            self._batcher = concurrent.futures.ThreadPoolExecutor(1)
+        self._queue.append((k, self._batcher.submit(self.make_batch, k)))
 
     def __iter__(self):
         return self
@@ -190,17 +189,16 @@ class Reader:
         if self.num_batches is not None and k >= self.num_batches:
             raise StopIteration
         if self.prefetch <= 0:
-            if self._pool is None and self.num_threads > 0:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads)
             batch = self.make_batch(k)
         else:
             if not self._queue or self._queue[0][0] != k:
                 self._queue.clear()
                 self._submit(k)
-            while len(self._queue) < 1 + self.prefetch:
-                self._submit(self._queue[-1][0] + 1)
-                if self.num_batches is not None and self._queue[-1][0] + 1 >= self.num_batches:
-                    break
+            last = self._queue[-1][0]
+            while len(self._queue) < 1 + self.prefetch and (
+                    self.num_batches is None or last + 1 < self.num_batches):
+                last += 1
+                self._submit(last)
             _, fut = self._queue.popleft()
             batch = fut.result()
         self._next = k + 1
@@ -232,9 +230,10 @@ class Reader:
 
     def close(self):
         self._queue.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        for pool in (self._batcher, self._pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._batcher = self._pool = None
 
 
 def make_reader(name: str, split: str, batch_size: int, *, data_dir: str | None = None,

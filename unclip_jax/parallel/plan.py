@@ -666,8 +666,8 @@ class PlanReport:
             f"  {what} per device: args {g(c.argument_bytes)} + out {g(c.output_bytes)} "
             f"- aliased {g(c.alias_bytes)} + temp {g(c.temp_bytes)} + code {g(c.code_bytes)} "
             f"= {g(c.peak_bytes)} ({100.0 * c.peak_bytes / self.hbm_bytes:.0f}% of HBM)",
-            f"  {what} FLOPs: {c.flops_per_device / 1e12:,.2f} TFLOP per device, "
-            f"{c.flops_per_device * self.num_devices / 1e12:,.1f} TFLOP in all; ideal time at "
+            f"  {what} FLOPs: {_flops(c.flops_per_device)} per device, "
+            f"{_flops(c.flops_per_device * self.num_devices)} in all; ideal time at "
             f"peak {_secs(t)}" + (f" (HBM-bandwidth bound {_secs(self._mem_time(c))})"
                                   if c.bytes_accessed_per_device else "")
             + f"; compiled in {c.compile_seconds:.0f} s",
@@ -708,7 +708,16 @@ MARKDOWN_HEADER = (
 
 
 def _gb(b: float) -> str:
+    if abs(b) < GiB:
+        return f"{b / 2 ** 20:,.1f} MiB"
     return f"{b / GiB:,.2f} GiB"
+
+
+def _flops(f: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if f >= scale:
+            return f"{f / scale:,.2f} {unit}"
+    return f"{f / 1e6:,.2f} MFLOP"
 
 
 def _ratio(a, b) -> str:
@@ -718,6 +727,8 @@ def _ratio(a, b) -> str:
 def _secs(t: float) -> str:
     if math.isnan(t):
         return "-"
+    if t < 1e-3:
+        return f"{t * 1e6:,.1f} us"
     return f"{t * 1e3:,.1f} ms" if t < 1 else f"{t:,.2f} s"
 
 
@@ -796,10 +807,24 @@ def _parse_oom(msg: str) -> Optional[int]:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+@contextlib.contextmanager
+def _no_persistent_cache_writes():
+    """Compile-only (topology) executables can be written to JAX's persistent cache but not read
+    back ("PjRtCompiler must be constructed with a Client"): keep them out of it."""
+    key = "jax_persistent_cache_min_compile_time_secs"
+    old = getattr(jax.config, key)
+    jax.config.update(key, 1e12)
+    try:
+        yield
+    finally:
+        jax.config.update(key, old)
+
+
 def _cost_of(lowered_fn: Callable[[], Any], name: str) -> StepCost:
     t0 = time.perf_counter()
     try:
-        compiled = lowered_fn().compile()
+        with _no_persistent_cache_writes():
+            compiled = lowered_fn().compile()
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is a result, not a crash
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "hbm" not in msg.lower():

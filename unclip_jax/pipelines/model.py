@@ -3,8 +3,13 @@
 A *model dir* (what ``--model`` takes) holds
 
   unclip.json   {"format": "unclip_jax.model", "format_version": N, "config": {...}, ...}
-  params/       orbax checkpoint of {"clip", "prior", "decoder", "sr": {"0": ..}}
+  params/       orbax checkpoint of {"clip", "prior", "decoder", "sr": {"0": ..}} and, when the
+                config has an ``ar_prior`` section, "ar_prior": {"params", "pca", "quantizer",
+                "dot_quantizer"} (the autoregressive prior with its PCA basis and quantizers)
   tokenizer/    vocab.json + merges.txt (CLIPTokenizer files)
+  pca.npz       optional: PCA basis of the model's CLIP image embeddings (``unclip pca``; made
+                by ``unclip pca-fit``), keys mean [D], basis [D, k], explained_variance [k],
+                total_variance []
 
 ``load`` checks the format and version and says exactly what is wrong with a dir that is not
 one of ours. Parameters are plain (unboxed) arrays; ``UnCLIP.modules`` builds the Flax modules.
@@ -24,7 +29,9 @@ import ml_collections
 
 from unclip_jax import config as cfg_lib
 from unclip_jax.diffusion import GaussianDiffusion, create_gaussian_diffusion
+from unclip_jax.models import ar_prior as ar_lib
 from unclip_jax.models import clip as clip_lib
+from unclip_jax.models import pca as pca_lib
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.models.tokenizer import DEFAULT_TOKENIZER_DIR
@@ -33,6 +40,10 @@ FORMAT = "unclip_jax.model"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 META_FILE = "unclip.json"
+PCA_FILE = "pca.npz"
+# keys of config.ar_prior that set sampling defaults rather than ARPriorConfig fields
+AR_SAMPLING_KEYS = ("temperature", "top_p", "guidance", "num_candidates")
+AR_SAMPLING_DEFAULTS = dict(temperature=1.0, top_p=1.0, guidance=1.0, num_candidates=1)
 
 
 class ModelDirError(ValueError):
@@ -50,6 +61,7 @@ class UnCLIP:
     tokenizer_dir: str = DEFAULT_TOKENIZER_DIR
     random_weights: bool = False
     source: str = ""
+    pca: Optional[pca_lib.PCA] = None  # PCA of the CLIP image embeddings (pca.npz), if shipped
 
     def __post_init__(self):
         c = self.config
@@ -62,7 +74,26 @@ class UnCLIP:
         self.prior = prior_lib.DiffusionPrior(self.prior_config)
         self.decoder = unet_lib.UNet(self.decoder_config)
         self.upsamplers = [unet_lib.UNet(s) for s in self.sr_config]
+        self.ar_prior_config = ar_prior_config(c)
+        self.ar_prior = (ar_lib.ARPrior(self.ar_prior_config)
+                         if self.ar_prior_config is not None else None)
         self._cache: dict = {}
+
+    @property
+    def has_ar_prior(self) -> bool:
+        return self.ar_prior is not None and "ar_prior" in self.params
+
+    def ar_components(self) -> tuple[pca_lib.PCA, pca_lib.Quantizer, pca_lib.Quantizer]:
+        """(PCA basis, code quantizer, dot-token quantizer) of the AR prior."""
+        if not self.has_ar_prior:
+            raise ValueError("this model has no autoregressive prior (config section ar_prior)")
+        t = self.params["ar_prior"]
+        return (pca_lib.PCA(**t["pca"]), pca_lib.Quantizer(edges=t["quantizer"]["edges"]),
+                pca_lib.Quantizer(edges=t["dot_quantizer"]["edges"]))
+
+    def ar_sampling_options(self) -> dict:
+        sec = self.config.get("ar_prior") or {}
+        return {k: sec.get(k, v) for k, v in AR_SAMPLING_DEFAULTS.items()}
 
     # -- diffusion schedules ----------------------------------------------------------------
     def stage_options(self, stage: str) -> ml_collections.ConfigDict:
@@ -86,6 +117,45 @@ class UnCLIP:
         return self.sr_config[-1].image_size if self.sr_config else self.decoder_size
 
 
+def ar_prior_config(config) -> Optional[ar_lib.ARPriorConfig]:
+    """The ``ar_prior`` config section (minus the sampling keys) as ARPriorConfig, or None."""
+    sec = config.get("ar_prior")
+    if not sec:
+        return None
+    fields = {k: v for k, v in cfg_lib._plain(sec).items() if k not in AR_SAMPLING_KEYS}
+    return cfg_lib._build(ar_lib.ARPriorConfig, fields, "ar_prior",
+                          dtype=cfg_lib.compute_dtype(config))
+
+
+def ar_prior_tree(params, pca: pca_lib.PCA, quantizer: pca_lib.Quantizer,
+                  dot_quantizer: pca_lib.Quantizer) -> dict:
+    """The ``params['ar_prior']`` entry: AR transformer params + PCA basis + quantizers, as
+    plain dicts of arrays (what the model dir stores)."""
+    return {"params": params,
+            "pca": {"mean": pca.mean, "basis": pca.basis,
+                    "explained_variance": pca.explained_variance,
+                    "total_variance": pca.total_variance},
+            "quantizer": {"edges": quantizer.edges},
+            "dot_quantizer": {"edges": dot_quantizer.edges}}
+
+
+def _random_ar_prior(cfg: ar_lib.ARPriorConfig, key) -> dict:
+    """Random AR prior params + a random orthonormal PCA basis and uniform quantizers."""
+    import numpy as np
+
+    params = nn.meta.unbox(jax.jit(lambda k: ar_lib.init_ar_prior(cfg, k))(key)["params"])
+    d, k = cfg.clip_dim, cfg.pca_dims
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((d, d)))
+    var = np.linspace(1.0, 0.1, d) / d
+    pca = pca_lib.PCA(mean=jnp.zeros((d,), jnp.float32), basis=jnp.asarray(q[:, :k], jnp.float32),
+                      explained_variance=jnp.asarray(var[:k], jnp.float32),
+                      total_variance=jnp.asarray(var.sum(), jnp.float32))
+    span = 3.0 / float(np.sqrt(d))
+    return ar_prior_tree(
+        params, pca, pca_lib.uniform_quantizer(np.full(k, -span), np.full(k, span), cfg.num_buckets),
+        pca_lib.uniform_quantizer(-1.0, 1.0, cfg.dot_buckets))
+
+
 def init_random(config: ml_collections.ConfigDict, seed: int = 0) -> UnCLIP:
     """An UnCLIP with randomly initialised weights (for tests and before training)."""
     # rbg keys: the init compiles twice as fast as with threefry on CPU
@@ -100,6 +170,9 @@ def init_random(config: ml_collections.ConfigDict, seed: int = 0) -> UnCLIP:
         "sr": [nn.meta.unbox(jax.jit(lambda k, c=c: unet_params(c, k))(k))
                for c, k in zip(cfg_lib.sr_configs(config), keys[3:])],
     }
+    ar_cfg = ar_prior_config(config)
+    if ar_cfg is not None:
+        params["ar_prior"] = _random_ar_prior(ar_cfg, jax.random.fold_in(keys[0], 7))
     return UnCLIP(config, params, random_weights=True, source=f"random:{config.get('name', '')}")
 
 
@@ -121,6 +194,8 @@ def save(model: UnCLIP, path: str) -> str:
     ckptr.save(os.path.join(path, "params"), tree)
     ckptr.wait_until_finished()
     shutil.copytree(model.tokenizer_dir, os.path.join(path, "tokenizer"))
+    if model.pca is not None:
+        save_pca(model.pca, os.path.join(path, PCA_FILE))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "config": json.loads(cfg_lib.to_json(model.config)),
             "random_weights": model.random_weights}
@@ -174,5 +249,47 @@ def load(path: str) -> UnCLIP:
                             f"{META_FILE}: {e}") from None
     tree["sr"] = [tree["sr"][str(i)] for i in range(len(tree["sr"]))]
     tok = os.path.join(path, "tokenizer")
+    pca_path = os.path.join(path, PCA_FILE)
+    pca = load_pca(pca_path) if os.path.isfile(pca_path) else None
     return UnCLIP(config, tree, tokenizer_dir=tok if os.path.isdir(tok) else DEFAULT_TOKENIZER_DIR,
-                  random_weights=bool(meta.get("random_weights", False)), source=path)
+                  random_weights=bool(meta.get("random_weights", False)), source=path, pca=pca)
+
+
+# ------------------------------------------------------------------------------ PCA files
+
+PCA_KEYS = ("mean", "basis", "explained_variance", "total_variance")
+
+
+class BasisFileError(ValueError):
+    """A PCA basis file that is missing or not one written by ``save_pca``."""
+
+
+def save_pca(pca: pca_lib.PCA, path: str) -> str:
+    """Write a PCA basis as ``.npz`` (keys ``PCA_KEYS``, float32)."""
+    import numpy as np
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, **{k: np.asarray(getattr(pca, k), np.float32) for k in PCA_KEYS})
+    return path
+
+
+def load_pca(path: str) -> pca_lib.PCA:
+    """Read a basis written by ``save_pca``; ``BasisFileError`` says what is wrong."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise BasisFileError(f"PCA basis file not found: {path} (make one with "
+                             "`unclip pca-fit IMAGE_FOLDER --out FILE`)")
+    try:
+        with np.load(path) as z:
+            arrays = {k: np.asarray(z[k], np.float32) for k in PCA_KEYS}
+    except Exception as e:  # zipfile / pickle / KeyError
+        raise BasisFileError(f"{path} is not a PCA basis file written by `unclip pca-fit` "
+                             f"({type(e).__name__}: {e})") from None
+    d = arrays["mean"].shape[0] if arrays["mean"].ndim == 1 else -1
+    b = arrays["basis"]
+    if d < 0 or b.ndim != 2 or b.shape[0] != d or arrays["explained_variance"].shape != b.shape[1:]:
+        raise BasisFileError(f"{path}: inconsistent PCA shapes (mean {arrays['mean'].shape}, "
+                             f"basis {b.shape})")
+    return pca_lib.PCA(**{k: jnp.asarray(v) for k, v in arrays.items()})

@@ -9,7 +9,8 @@ between calls with the same shapes. Shapes: embeddings ``[B, D]``, caption state
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import warnings
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,9 @@ import numpy as np
 
 from unclip_jax.diffusion import (classifier_free_guidance, ddim_invert, ddim_sample,
                                   ddpm_sample, repaint_sample)
+from unclip_jax.models import ar_prior as ar_lib
 from unclip_jax.models import prior as prior_lib
-from unclip_jax.models.tokenizer import load_tokenizer, tokenize_with_info
+from unclip_jax.models.tokenizer import PromptTruncatedWarning, load_tokenizer, tokenize_with_info
 from unclip_jax.pipelines import progress as progress_lib
 from unclip_jax.pipelines.model import UnCLIP
 
@@ -49,8 +51,14 @@ def tokenize(model: UnCLIP, prompts: list[str]):
 
 
 def encode_text(model: UnCLIP, prompts: list[str]) -> TextCondition:
-    """Prompts -> TextCondition (one jitted CLIP text forward)."""
+    """Prompts -> TextCondition (one jitted CLIP text forward). Prompts longer than the
+    context are truncated with a ``PromptTruncatedWarning``."""
     toks = tokenize(model, prompts)
+    if toks.truncated.any():
+        n = int(toks.truncated.sum())
+        warnings.warn(f"{n} prompt(s) longer than {toks.ids.shape[1]} tokens were truncated "
+                      f"(token counts {sorted(set(int(x) for x in toks.lengths[toks.truncated]))})",
+                      PromptTruncatedWarning, stacklevel=2)
 
     def build():
         @jax.jit
@@ -73,7 +81,83 @@ def images_to_clip_pixels(model: UnCLIP, images_uint8) -> np.ndarray:
     """uint8 ``[B, H, W, 3]`` images -> CLIP-preprocessed float32 ``[B, S, S, 3]``."""
     from unclip_jax.data.clip_preprocess import preprocess
 
-    return preprocess(np.asarray(images_uint8), size=model.clip_config.vision_config.image_size)
+    images = list(images_uint8) if isinstance(images_uint8, (list, tuple)) else \
+        np.asarray(images_uint8)
+    return preprocess(images, size=model.clip_config.vision_config.image_size)
+
+
+def embed_images(model: UnCLIP, images_uint8) -> jax.Array:
+    """uint8 ``[B, H, W, 3]`` images (or a list of ``[H, W, 3]`` of any sizes) -> CLIP image
+    embeddings ``[B, D]``."""
+    return encode_image(model, images_to_clip_pixels(model, images_uint8))
+
+
+def resize_uint8(images_uint8, size: int) -> np.ndarray:
+    """uint8 ``[B, H, W, 3]`` -> ``[B, size, size, 3]`` (PIL bicubic; unchanged if already)."""
+    from PIL import Image
+
+    x = np.asarray(images_uint8, np.uint8)
+    if x.shape[1:3] == (size, size):
+        return x
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC))
+                     for im in x])
+
+
+def decoder_pixels(model: UnCLIP, images_uint8) -> jax.Array:
+    """uint8 ``[B, H, W, 3]`` -> decoder-size float ``[B, s, s, 3]`` in [-1, 1]."""
+    from unclip_jax.utils.images import from_uint8
+
+    return jnp.asarray(from_uint8(resize_uint8(images_uint8, model.decoder_size)))
+
+
+def empty_text(model: UnCLIP, n: int) -> TextCondition:
+    """The empty caption for ``n`` rows (image-only conditioning: pass ``drop_text_cond=True``
+    to the decoder so the caption is the model's null caption in both guidance halves)."""
+    return encode_text(model, [""] * int(n))
+
+
+def clip_logit_scale(model: UnCLIP) -> jax.Array:
+    return model.clip.apply({"params": model.params["clip"]}, method="logit_scale")
+
+
+def zero_shot_probs(model: UnCLIP, image_emb, label_emb) -> jax.Array:
+    """CLIP zero-shot probabilities ``[B, L]``: softmax over labels of logit_scale * cosine."""
+    from unclip_jax.models.clip import normalize
+
+    logits = clip_logit_scale(model) * normalize(jnp.asarray(image_emb, jnp.float32)) @ \
+        normalize(jnp.asarray(label_emb, jnp.float32)).T
+    return jax.nn.softmax(logits, axis=-1)
+
+
+# ------------------------------------------------------------------------------ embeddings
+
+
+def slerp(a, b, t) -> jax.Array:
+    """Spherical interpolation of (unnormalised) embeddings ``a``, ``b`` ``[..., D]`` at
+    ``t`` (scalar or ``[...]``): ``sin((1-t) w) / sin w * a + sin(t w) / sin w * b`` with ``w``
+    the angle between them (linear interpolation when they are nearly parallel). ``t = 0``
+    gives exactly ``a`` and ``t = 1`` exactly ``b``; equal norms are preserved along the path."""
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    t = jnp.asarray(t, jnp.float32)[..., None]
+    na = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+    nb = b / jnp.linalg.norm(b, axis=-1, keepdims=True)
+    cos = jnp.clip(jnp.sum(na * nb, axis=-1, keepdims=True), -1.0, 1.0)
+    w = jnp.arccos(cos)
+    sin_w = jnp.sin(w)
+    near = sin_w < 1e-6
+    safe = jnp.where(near, 1.0, sin_w)
+    ca = jnp.where(near, 1.0 - t, jnp.sin((1.0 - t) * w) / safe)
+    cb = jnp.where(near, t, jnp.sin(t * w) / safe)
+    out = ca * a + cb * b
+    return jnp.where(t == 0, a, jnp.where(t == 1, b, out))
+
+
+def fixed_noise(key, shape) -> jax.Array:
+    """One ``shape[1:]`` Gaussian draw tiled over the batch: the same decoder noise for every
+    row (interpolations, PCA strips, text diffs)."""
+    shape = tuple(int(s) for s in shape)
+    return jnp.broadcast_to(jax.random.normal(key, (1,) + shape[1:], jnp.float32), shape)
 
 
 # ------------------------------------------------------------------------------ samplers
@@ -144,6 +228,47 @@ def sample_prior(model: UnCLIP, key, text: TextCondition, *, num_candidates: Opt
     return prior_lib.select_best(z.reshape(b, k, -1), text.emb)
 
 
+def sample_ar_prior(model: UnCLIP, key, text: TextCondition, *,
+                    num_candidates: Optional[int] = None, guidance: Optional[float] = None,
+                    temperature: Optional[float] = None, top_p: Optional[float] = None
+                    ) -> jax.Array:
+    """Autoregressive prior: text [B] -> CLIP image embeddings ``[B, D]`` (PCA codes sampled
+    left to right, decoded through the bucket centres and the basis); K candidates per caption,
+    best by dot product with the text embedding, as ``sample_prior``."""
+    if not model.has_ar_prior:
+        raise ValueError("this model has no autoregressive prior (config section ar_prior)")
+    o = model.ar_sampling_options()
+    k = int(num_candidates or o["num_candidates"])
+    pca, quant, _ = model.ar_components()
+    b = text.emb.shape[0]
+    rep = lambda a: jnp.repeat(a, k, axis=0)  # noqa: E731
+    codes, _ = ar_lib.ar_sample(
+        model.ar_prior, {"params": model.params["ar_prior"]["params"]}, key, rep(text.emb),
+        rep(text.states), rep(text.mask),
+        temperature=float(o["temperature"] if temperature is None else temperature),
+        top_p=float(o["top_p"] if top_p is None else top_p),
+        guidance_scale=float(o["guidance"] if guidance is None else guidance))
+    z = ar_lib.decode_codes(pca, quant, codes)
+    return prior_lib.select_best(z.reshape(b, k, -1), text.emb)
+
+
+def sample_image_emb(model: UnCLIP, key, text: TextCondition, *, prior: str = "diffusion",
+                     num_candidates: Optional[int] = None, steps=None,
+                     guidance: Optional[float] = None, sampler: Optional[str] = None,
+                     progress: bool = False) -> jax.Array:
+    """Either prior: ``prior='diffusion'`` (``sample_prior``) or ``'ar'`` (``sample_ar_prior``;
+    ``steps`` / ``sampler`` do not apply)."""
+    if prior == "ar":
+        z = sample_ar_prior(model, key, text, num_candidates=num_candidates, guidance=guidance)
+        if progress:
+            progress_lib.report(1, 1)
+        return z
+    if prior != "diffusion":
+        raise ValueError(f"prior must be 'diffusion' or 'ar', got {prior!r}")
+    return sample_prior(model, key, text, num_candidates=num_candidates, steps=steps,
+                        guidance=guidance, sampler=sampler, progress=progress)
+
+
 def _decoder_fn(model: UnCLIP):
     def build():
         dec = model.decoder
@@ -160,16 +285,17 @@ def _decoder_fn(model: UnCLIP):
 
 
 def decoder_kwargs(model: UnCLIP, clip_emb, text: Optional[TextCondition], scale: float,
-                   drop_clip_cond: bool = False, drop_text_cond: bool = False,
+                   drop_clip_cond=False, drop_text_cond=False,
                    inpaint_image=None, inpaint_mask=None) -> dict:
     """Model kwargs for the guided decoder: rows [conditional B | unconditional B]. The
-    conditional half may itself drop the CLIP emb or the caption (ablations)."""
+    conditional half may itself drop the CLIP emb or the caption (ablations; bool or [B])."""
     b = clip_emb.shape[0]
     cfg = model.decoder_config
+    flags = lambda f: jnp.broadcast_to(jnp.asarray(f, bool), (b,))  # noqa: E731
     kw = dict(params=model.params["decoder"], scale=jnp.float32(scale),
               clip_emb=_twice(jnp.asarray(clip_emb, jnp.float32)),
-              drop_clip=jnp.concatenate([jnp.full((b,), drop_clip_cond), jnp.ones((b,), bool)]),
-              drop_text=jnp.concatenate([jnp.full((b,), drop_text_cond), jnp.ones((b,), bool)]))
+              drop_clip=jnp.concatenate([flags(drop_clip_cond), jnp.ones((b,), bool)]),
+              drop_text=jnp.concatenate([flags(drop_text_cond), jnp.ones((b,), bool)]))
     if cfg.text_encoder == "clip":
         if text is None:
             raise ValueError("this decoder is caption-conditioned: pass the text condition")
@@ -211,12 +337,13 @@ def sample_decoder(model: UnCLIP, key, clip_emb, text: Optional[TextCondition], 
 
 
 def invert_decoder(model: UnCLIP, images, clip_emb, text: Optional[TextCondition], *, steps=None,
-                   guidance: float = 1.0, progress: bool = False) -> jax.Array:
+                   guidance: float = 1.0, drop_text_cond=False,
+                   progress: bool = False) -> jax.Array:
     """DDIM inversion of decoder-size images ``[B, S, S, 3]`` conditioned on their CLIP
     embedding -> the latent x_T ``[B, S, S, 3]`` that DDIM(eta=0) maps back to them."""
     o = model.stage_options("decoder")
     diffusion = model.diffusion("decoder", steps if steps is not None else o.sample_steps)
-    kw = decoder_kwargs(model, clip_emb, text, guidance)
+    kw = decoder_kwargs(model, clip_emb, text, guidance, drop_text_cond=drop_text_cond)
     return ddim_invert(diffusion, _decoder_fn(model), jnp.asarray(images, jnp.float32), kw,
                        progress=progress_lib.callback(progress))
 
@@ -232,12 +359,65 @@ def _sr_fn(model: UnCLIP, i: int):
 
 
 def upsample(model: UnCLIP, key, images, index: int = 0, *, steps=None,
-             sampler: Optional[str] = None, progress: bool = False) -> jax.Array:
-    """Upsampler ``index``: low-res images ``[B, s, s, 3]`` -> ``[B, S, S, 3]`` in [-1, 1]."""
+             sampler: Optional[str] = None, x_T=None, source=None, mask=None,
+             progress: bool = False) -> jax.Array:
+    """Upsampler ``index``: low-res images ``[B, s, s, 3]`` -> ``[B, S, S, 3]`` in [-1, 1].
+    ``x_T``: start noise; ``source``/``mask`` (``[B, S, S, 3]`` / ``[B, S, S, 1]``, 1 = keep):
+    masked replacement sampling (inpainting)."""
     o = model.stage_options("sr")
     cfg = model.sr_config[index]
     diffusion = model.diffusion("sr", steps if steps is not None else o.sample_steps)
     b = images.shape[0]
+    shape = (b, cfg.image_size, cfg.image_size, 3)
     kw = dict(params=model.params["sr"][index], low_res=jnp.asarray(images, jnp.float32))
-    return run_sampler(diffusion, _sr_fn(model, index), (b, cfg.image_size, cfg.image_size, 3),
-                       key, kw, sampler=sampler or o.sampler, progress=progress)
+    if source is not None:
+        source = jnp.asarray(source, jnp.float32)
+        mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), shape)
+    return run_sampler(diffusion, _sr_fn(model, index), shape, key, kw,
+                       sampler=sampler or o.sampler, x_T=x_T, source=source, mask=mask,
+                       progress=progress)
+
+
+# ------------------------------------------------------------------------------ chains
+
+STOP_AFTER = ("prior", "decoder", "sr1", "sr2")
+
+
+def ready(x, progress: bool):
+    """Wait for a stage inside its progress bar (so the bar closes when the stage ends)."""
+    return jax.block_until_ready(x) if progress else x
+
+
+def decode_and_upsample(model: UnCLIP, key, clip_emb, text: Optional[TextCondition], *,
+                        decoder_steps=None, decoder_guidance: Optional[float] = None,
+                        decoder_sampler: Optional[str] = None, eta: float = 0.0, x_T=None,
+                        drop_clip_cond=False, drop_text_cond=False, sr_steps=None,
+                        fixed_sr_noise: bool = False, stop_after: Optional[str] = None,
+                        progress: bool = False) -> dict:
+    """Decoder then every upsampler, each stage in its own progress bar.
+
+    ``fixed_sr_noise``: the upsamplers run DDIM(eta=0) from one noise shared by all rows, so
+    rows that differ only in their embedding differ only through it (strips, GIFs).
+    Returns ``{'decoder': [B, s, s, 3], 'sr1': ..., 'images': last stage}`` in [-1, 1].
+    """
+    k_dec, k_sr = jax.random.split(key)
+    out: dict = {}
+    with progress_lib.stage("decoder", progress):
+        out["decoder"] = out["images"] = ready(sample_decoder(
+            model, k_dec, clip_emb, text, steps=decoder_steps, guidance=decoder_guidance,
+            sampler=decoder_sampler, eta=eta, x_T=x_T, drop_clip_cond=drop_clip_cond,
+            drop_text_cond=drop_text_cond, progress=progress), progress)
+    if stop_after == "decoder":
+        return out
+    for i, k in enumerate(jax.random.split(k_sr, len(model.upsamplers))):
+        name = f"sr{i + 1}"
+        size = model.sr_config[i].image_size
+        b = out["images"].shape[0]
+        noise = fixed_noise(k, (b, size, size, 3)) if fixed_sr_noise else None
+        with progress_lib.stage(name, progress):
+            out[name] = out["images"] = ready(upsample(
+                model, k, out["images"], i, steps=sr_steps, x_T=noise,
+                sampler="ddim" if fixed_sr_noise else None, progress=progress), progress)
+        if stop_after == name:
+            break
+    return out

@@ -1,25 +1,23 @@
-"""Text -> image: CLIP text encoding -> prior (K candidates, best by dot product) -> decoder
-(guidance on CLIP emb + caption) -> upsampler(s)."""
+"""Text -> image: CLIP text encoding -> prior (K candidates, best by dot product; diffusion or
+autoregressive) -> decoder (guidance on CLIP emb + caption) -> upsampler(s); and the paper's
+conditioning ablation for one decoder."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from unclip_jax.pipelines import stages
 from unclip_jax.pipelines.model import UnCLIP
 from unclip_jax.pipelines.progress import stage as progress_stage
+from unclip_jax.pipelines.stages import STOP_AFTER, ready as _ready
 
-STOP_AFTER = ("prior", "decoder", "sr1", "sr2")
-
-
-def _ready(x, progress: bool):
-    """Wait for a stage inside its progress bar (so the bar closes when the stage ends)."""
-    return jax.block_until_ready(x) if progress else x
+PRIORS = ("diffusion", "ar")
 
 
 def text_to_image(model: UnCLIP, prompts: Sequence[str], key, *, num_per_prompt: int = 1,
-                  prior_steps=None, decoder_steps=None, sr_steps=None,
+                  prior: str = "diffusion", prior_steps=None, decoder_steps=None, sr_steps=None,
                   prior_guidance: Optional[float] = None,
                   decoder_guidance: Optional[float] = None,
                   num_candidates: Optional[int] = None, stop_after: Optional[str] = None,
@@ -27,34 +25,63 @@ def text_to_image(model: UnCLIP, prompts: Sequence[str], key, *, num_per_prompt:
                   progress: bool = False) -> dict:
     """Sample ``num_per_prompt`` images per prompt.
 
+    ``prior``: 'diffusion' or 'ar' (the autoregressive prior; the model must have one).
     Returns a dict with ``image_emb [N, D]`` and, per stage run, ``decoder [N, s, s, 3]``,
     ``sr1``, ``sr2`` (images in [-1, 1]); ``images`` is the last stage's output
     (N = len(prompts) * num_per_prompt, prompts repeated in order).
     """
     if stop_after is not None and stop_after not in STOP_AFTER:
         raise ValueError(f"stop_after must be one of {STOP_AFTER}")
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}")
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
-    k_prior, k_dec, k_sr = jax.random.split(key, 3)
+    k_prior, k_rest = jax.random.split(key)
     out: dict = {}
     with progress_stage("clip", progress):
         text = stages.encode_text(model, prompts)
-    with progress_stage("prior", progress):
-        out["image_emb"] = _ready(stages.sample_prior(
-            model, k_prior, text, num_candidates=num_candidates, steps=prior_steps,
+    with progress_stage("prior" if prior == "diffusion" else "ar prior", progress):
+        out["image_emb"] = _ready(stages.sample_image_emb(
+            model, k_prior, text, prior=prior, num_candidates=num_candidates, steps=prior_steps,
             guidance=prior_guidance, sampler=prior_sampler, progress=progress), progress)
     if stop_after == "prior":
         return out
-    with progress_stage("decoder", progress):
-        out["decoder"] = out["images"] = _ready(stages.sample_decoder(
-            model, k_dec, out["image_emb"], text, steps=decoder_steps,
-            guidance=decoder_guidance, sampler=decoder_sampler, progress=progress), progress)
-    if stop_after == "decoder":
-        return out
-    for i, k in enumerate(jax.random.split(k_sr, len(model.upsamplers))):
-        name = f"sr{i + 1}"
-        with progress_stage(name, progress):
-            out[name] = out["images"] = _ready(stages.upsample(
-                model, k, out["images"], i, steps=sr_steps, progress=progress), progress)
-        if stop_after == name:
-            break
+    out.update(stages.decode_and_upsample(
+        model, k_rest, out["image_emb"], text, decoder_steps=decoder_steps,
+        decoder_guidance=decoder_guidance, decoder_sampler=decoder_sampler, sr_steps=sr_steps,
+        stop_after=stop_after, progress=progress))
     return out
+
+
+ABLATION_ROWS = ("caption only", "caption + CLIP text emb", "caption + prior image emb")
+
+
+def conditioning_ablation(model: UnCLIP, prompt: str, key, *, num: int = 4,
+                          prior: str = "diffusion", prior_steps=None,
+                          prior_guidance: Optional[float] = None, decoder_steps=None,
+                          decoder_guidance: Optional[float] = None, sr_steps=None,
+                          progress: bool = False) -> dict:
+    """The paper's conditioning comparison (Fig. "caption / text emb / image emb") for one
+    decoder, ``num`` samples per row, the same decoder and upsampler noise in every row:
+
+    1. caption only: the CLIP image embedding is dropped (the decoder's null embedding, what
+       it was trained on for a missing / zeroed embedding);
+    2. caption + the CLIP *text* embedding fed where the image embedding goes;
+    3. caption + the prior's image embedding (the full unCLIP stack).
+
+    Returns ``{'rows': ABLATION_ROWS, 'image_emb' [num, D], 'images' [3 * num, S, S, 3]}``
+    (row-major: row r is images[r * num:(r + 1) * num]).
+    """
+    k_prior, k_dec = jax.random.split(key)
+    with progress_stage("clip", progress):
+        text = stages.encode_text(model, [prompt] * num)
+    with progress_stage("prior" if prior == "diffusion" else "ar prior", progress):
+        z = _ready(stages.sample_image_emb(model, k_prior, text, prior=prior, steps=prior_steps,
+                                           guidance=prior_guidance, progress=progress), progress)
+    rows = [(jnp.zeros_like(z), True), (text.emb, False), (z, False)]
+    images = []
+    for emb, drop in rows:
+        images.append(stages.decode_and_upsample(
+            model, k_dec, emb, text, decoder_steps=decoder_steps,
+            decoder_guidance=decoder_guidance, drop_clip_cond=drop, sr_steps=sr_steps,
+            progress=progress)["images"])
+    return {"rows": ABLATION_ROWS, "image_emb": z, "images": jnp.concatenate(images, axis=0)}

@@ -1,0 +1,642 @@
+"""One trainer for every stage: ``train(stage, config, workdir, data, steps=...)``.
+
+Read top to bottom::
+
+    tc     = train_config(config, stage)              # config.train.<stage>
+    mesh   = stage_mesh(tc.mesh)                      # ('data', 'fsdp', 'tensor')
+    state  = restore latest checkpoint in workdir     # params + opt + EMA + step + RNG + data
+             or sharded_init(TrainState.create(...))  # (inpaint: from decoder params)
+    step   = jit_train_step(make_train_step(loss))    # bf16 compute, non-finite skip, donation
+    with PreemptionGuard():                           # SIGTERM -> save, return (exit 0)
+        while state.step < steps:
+            state, m = step(state, next(data))
+            log every log_every (console, workdir/metrics.jsonl, TensorBoard if installed)
+            save every save_every (keep_last)         # kill -9 loses < one interval
+            non-finite loss: skipped + logged; max_nonfinite in a row -> NonFiniteLossError
+
+``steps`` is the *total* number of steps to reach (default ``total_steps``), so re-running the
+same command after a preemption continues to the same end. Only process 0 writes logs.
+
+Data: any ``DataSource`` (``__iter__`` -> host batches of numpy arrays / caption strings,
+``get_state()`` -> JSON-able dict, ``set_state(dict)``) giving *per-process* batches of
+``batch_size // process_count`` examples. ``SyntheticSource`` (tests), ``EmbeddingDataset``
+(what ``unclip embed`` writes; prior / decoder / inpaint) and the readers of ``unclip_jax.data``
+fit. ``open_data(spec, ...)`` builds one from a command-line string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax import config as cfg_lib
+from unclip_jax.checkpoint import Checkpointer, PreemptionGuard
+from unclip_jax.parallel.mesh import (
+    global_batch_from_local,
+    is_main_process,
+    make_mesh,
+    param_shardings,
+    sharded_init,
+    with_shardings,
+)
+from unclip_jax.train.ema import EmaConfig
+from unclip_jax.train.losses import DIFFUSION_SECTION, STAGES, build_stage
+from unclip_jax.train.optim import OptimizerConfig, make_optimizer
+from unclip_jax.train.state import TrainState
+from unclip_jax.train.step import jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+PyTree = Any
+METRICS_FILE = "metrics.jsonl"
+METRIC_KEYS = ("step", "loss", "lr", "grad_norm", "images_per_sec")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the run stopped (exit non-zero)."""
+
+
+# ------------------------------------------------------------------------------ config
+
+
+COMMON_KEYS = {
+    "batch_size", "learning_rate", "warmup_steps", "total_steps", "weight_decay",
+    "grad_clip_norm", "accum_steps", "ema_decay", "ema_warmup", "save_every", "keep_last",
+    "log_every", "max_nonfinite", "seed", "mesh", "schedule", "b1", "b2", "eps",
+    "end_lr_ratio", "init_lr_ratio",
+}
+STAGE_KEYS = {
+    "clip": set(),
+    "prior": set(),
+    "decoder": {"vlb_weight"},
+    "sr": {"crop_size", "blur_sigma", "blur_kernel", "index"},
+    "inpaint": {"vlb_weight", "init_from", "mask_min_frac", "mask_max_frac", "mask_p_keep_all"},
+}
+# Keys that may change between a run and its resume (not compared with the checkpoint's config).
+VOLATILE_KEYS = ("save_every", "keep_last", "log_every", "max_nonfinite", "mesh", "init_from")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """``config.train.<stage>``; see ``experiments/tiny.py`` for the meaning of each key."""
+
+    stage: str
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    total_steps: int = 10_000
+    weight_decay: float = 0.0
+    grad_clip_norm: Optional[float] = 1.0
+    accum_steps: int = 1
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    save_every: int = 500
+    keep_last: Optional[int] = 3
+    log_every: int = 50
+    max_nonfinite: int = 10
+    seed: int = 0
+    mesh: dict = dataclasses.field(default_factory=lambda: dict(data=-1, fsdp=1, tensor=1))
+    optimizer_extra: dict = dataclasses.field(default_factory=dict)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def optimizer(self) -> OptimizerConfig:
+        return OptimizerConfig(
+            name="adamw", learning_rate=self.learning_rate,
+            warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+            weight_decay=self.weight_decay, grad_clip_norm=self.grad_clip_norm,
+            accum_steps=self.accum_steps, **self.optimizer_extra)
+
+    def ema(self) -> EmaConfig:
+        return EmaConfig(decay=self.ema_decay, warmup=self.ema_warmup)
+
+
+def _plain(x):
+    return cfg_lib._plain(x)
+
+
+def train_config(config, stage: str) -> TrainConfig:
+    """``config.train.<stage>`` as a ``TrainConfig``; unknown keys raise ``ConfigError``."""
+    if stage not in STAGES:
+        raise cfg_lib.ConfigError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
+    train = config.get("train", None)
+    if train is None or stage not in train:
+        raise cfg_lib.ConfigError(
+            f"config has no train.{stage} section; add one (see experiments/tiny.py)")
+    d = dict(_plain(train[stage]))
+    unknown = sorted(set(d) - COMMON_KEYS - STAGE_KEYS[stage])
+    if unknown:
+        raise cfg_lib.ConfigError(
+            f"unknown key(s) {unknown} in config section 'train.{stage}'; valid keys: "
+            f"{sorted(COMMON_KEYS | STAGE_KEYS[stage])}")
+    opt_extra = {k: d.pop(k) for k in ("schedule", "b1", "b2", "eps", "end_lr_ratio",
+                                       "init_lr_ratio") if k in d}
+    extra = {k: d.pop(k) for k in list(d) if k in STAGE_KEYS[stage]}
+    mesh = dict(data=-1, fsdp=1, tensor=1)
+    mesh.update(d.pop("mesh", {}) or {})
+    bad_mesh = sorted(set(mesh) - {"data", "fsdp", "tensor"})
+    if bad_mesh:
+        raise cfg_lib.ConfigError(f"unknown key(s) {bad_mesh} in train.{stage}.mesh")
+    tc = TrainConfig(stage=stage, mesh=mesh, optimizer_extra=opt_extra, extra=extra, **d)
+    for k in ("batch_size", "total_steps", "save_every", "log_every", "max_nonfinite"):
+        if int(getattr(tc, k)) < 1:
+            raise cfg_lib.ConfigError(f"train.{stage}.{k} must be >= 1, got {getattr(tc, k)}")
+    return tc
+
+
+def stage_config_json(config, stage: str) -> dict:
+    """The part of ``config`` that defines a stage's run (model sections, its diffusion section,
+    ``dtype`` and ``train.<stage>`` minus ``VOLATILE_KEYS``): stored with each checkpoint and
+    compared on resume."""
+    st_sections = {"clip": ("clip",), "prior": ("prior",), "decoder": ("decoder",),
+                   "inpaint": ("decoder",), "sr": ("decoder", "sr")}[stage]
+    out = {k: _plain(config[k]) for k in st_sections}
+    out["dtype"] = config.get("dtype", "float32")
+    if stage in DIFFUSION_SECTION:
+        out["diffusion"] = _plain(config.diffusion[DIFFUSION_SECTION[stage]])
+    train = dict(_plain(config.train[stage]))
+    out["train"] = {k: v for k, v in train.items() if k not in VOLATILE_KEYS}
+    out["stage"] = stage
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def stage_mesh(mesh_cfg: dict, devices: Optional[Sequence] = None):
+    """``make_mesh`` from ``train.<stage>.mesh``. Positive sizes whose product is below the
+    device count use the first ``data * fsdp * tensor`` devices (e.g. one device for tests)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(mesh_cfg.get(k, 1)) for k in ("data", "fsdp", "tensor")]
+    if -1 not in sizes and 0 < math.prod(sizes) < len(devices):
+        devices = devices[:math.prod(sizes)]
+    try:
+        return make_mesh(*sizes, devices=devices)
+    except ValueError as e:
+        raise cfg_lib.ConfigError(f"train mesh: {e}") from None
+
+
+# ------------------------------------------------------------------------------ data sources
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """Per-process batches with a checkpointable position."""
+
+    def __iter__(self) -> Iterator[dict]: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+CAPTION_WORDS = ("red", "blue", "green", "yellow", "heart", "star", "face", "cat", "dog",
+                 "smiling", "sad", "big", "small", "moon", "sun", "tree")
+
+
+class SyntheticSource:
+    """Deterministic synthetic batches: batch ``i`` depends only on ``(seed, i)``.
+
+    Keys: ``image [B, S, S, 3]`` in [-1, 1] (smooth colour blobs), ``caption`` strings; with
+    ``embeddings=(clip_dim, text_len, text_width)`` also ``image_emb``, ``text_emb``,
+    ``text_states``, ``text_mask`` (random, correlated with the image colour). ``nan_batches``:
+    batch indices whose arrays are NaN (tests of non-finite handling).
+    """
+
+    def __init__(self, batch_size: int, image_size: int = 16, seed: int = 0,
+                 embeddings: Optional[tuple[int, int, int]] = None,
+                 nan_batches: Sequence[int] = ()):
+        self.batch_size, self.image_size, self.seed = int(batch_size), int(image_size), int(seed)
+        self.embeddings = embeddings
+        self.nan_batches = set(int(i) for i in nan_batches)
+        self.index = 0
+
+    def batch(self, i: int) -> dict:
+        rs = np.random.default_rng([self.seed, int(i)])
+        b, s = self.batch_size, self.image_size
+        yy, xx = np.meshgrid(np.linspace(-1, 1, s), np.linspace(-1, 1, s), indexing="ij")
+        colour = rs.uniform(-1, 1, (b, 1, 1, 3))
+        cy, cx = rs.uniform(-0.5, 0.5, (2, b, 1, 1))
+        blob = np.exp(-((yy[None] - cy) ** 2 + (xx[None] - cx) ** 2) * 4.0)[..., None]
+        image = np.clip(colour * blob + 0.1 * rs.standard_normal((b, s, s, 3)), -1, 1)
+        words = rs.integers(0, len(CAPTION_WORDS), (b, 3))
+        out = {"image": image.astype(np.float32),
+               "caption": np.array([" ".join(CAPTION_WORDS[w] for w in row) for row in words])}
+        if self.embeddings is not None:
+            d, length, width = self.embeddings
+            base = np.tile(colour.reshape(b, 3), (1, -(-d // 3)))[:, :d]
+            out["image_emb"] = (base + 0.3 * rs.standard_normal((b, d))).astype(np.float32)
+            out["text_emb"] = (base + 0.3 * rs.standard_normal((b, d))).astype(np.float32)
+            out["text_states"] = rs.standard_normal((b, length, width)).astype(np.float32)
+            n = rs.integers(3, length + 1, (b,))
+            out["text_mask"] = (np.arange(length)[None] < n[:, None]).astype(np.int32)
+        if int(i) in self.nan_batches:
+            for k, v in out.items():
+                if v.dtype.kind == "f":
+                    out[k] = np.full_like(v, np.nan)
+        return out
+
+    def __iter__(self):
+        while True:
+            b = self.batch(self.index)
+            self.index += 1
+            yield b
+
+    def get_state(self) -> dict:
+        return {"index": self.index, "seed": self.seed}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+EMBED_META = "embeddings.json"
+
+
+class EmbeddingDataset:
+    """Reader of an ``unclip embed`` output dir (``embeddings.json`` + ``shard-*.npz``).
+
+    Every array of the shards is loaded into memory (fine at emoji / tiny scale). Each epoch is a
+    permutation drawn from ``(seed, epoch)``; this process takes every ``process_count``-th
+    example of it. Batches drop the remainder of an epoch. State: ``{epoch, index}``.
+    ``clip_stats()`` -> ``(mean [D], std [D])`` of the image embeddings (prior normalisation).
+    """
+
+    def __init__(self, path: str, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 keys: Optional[Sequence[str]] = None):
+        self.path = path
+        meta_path = os.path.join(path, EMBED_META)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{path} is not an embeddings dir (no {EMBED_META}); make "
+                                    "one with `unclip embed`")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        shards = sorted(glob.glob(os.path.join(path, "shard-*.npz")))
+        if not shards:
+            raise FileNotFoundError(f"no shard-*.npz in {path}")
+        parts: dict[str, list] = {}
+        for s in shards:
+            with np.load(s, allow_pickle=False) as z:
+                for k in z.files:
+                    if keys is None or k in keys:
+                        parts.setdefault(k, []).append(z[k])
+        self.arrays = {k: np.concatenate(v) for k, v in parts.items()}
+        self.num_examples = len(next(iter(self.arrays.values())))
+        self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), shuffle
+        self.epoch, self.index = 0, 0
+        n_local = self.num_examples // jax.process_count()
+        if n_local < self.batch_size:
+            raise ValueError(f"{path}: {n_local} examples per process, fewer than the batch "
+                             f"size {self.batch_size}")
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = self.num_examples
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                 else np.arange(n))
+        return order[jax.process_index()::jax.process_count()]
+
+    def __iter__(self):
+        order = self._order(self.epoch)
+        while True:
+            if self.index + self.batch_size > len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+                order = self._order(self.epoch)
+            idx = order[self.index:self.index + self.batch_size]
+            self.index += self.batch_size
+            batch = {k: v[idx] for k, v in self.arrays.items()}
+            if "image" in batch and batch["image"].dtype == np.uint8:
+                batch["image"] = batch["image"].astype(np.float32) / 127.5 - 1.0
+            yield batch
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def clip_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        emb = self.arrays["image_emb"].astype(np.float64)
+        return emb.mean(0).astype(np.float32), (emb.std(0) + 1e-6).astype(np.float32)
+
+
+def write_embeddings(out_dir: str, batches, meta: Optional[dict] = None,
+                     shard_size: int = 4096) -> dict:
+    """Write an iterable of dicts of equal-length numpy arrays as an embeddings dir (shards of
+    ``shard_size`` examples; string arrays are stored as unicode). Returns the meta dict."""
+    os.makedirs(out_dir, exist_ok=True)
+    if glob.glob(os.path.join(out_dir, "shard-*.npz")):
+        raise FileExistsError(f"{out_dir} already holds shards; choose a new output folder")
+    buf: dict[str, list] = {}
+    count, shard = 0, 0
+
+    def flush():
+        nonlocal shard
+        if not buf:
+            return
+        arrays = {k: np.concatenate(v) for k, v in buf.items()}
+        np.savez(os.path.join(out_dir, f"shard-{shard:05d}.npz"), **arrays)
+        shard += 1
+        buf.clear()
+
+    shapes = {}
+    for b in batches:
+        for k, v in b.items():
+            v = np.asarray(v)
+            buf.setdefault(k, []).append(v)
+            shapes[k] = [list(v.shape[1:]), str(v.dtype)]
+        count += len(next(iter(b.values())))
+        if sum(len(x) for x in next(iter(buf.values()))) >= shard_size:
+            flush()
+    flush()
+    meta = dict(meta or {})
+    meta.update(num_examples=count, num_shards=shard, arrays=shapes, format="unclip_jax.embeddings",
+                format_version=1)
+    with open(os.path.join(out_dir, EMBED_META), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    return meta
+
+
+def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0) -> DataSource:
+    """A data source from a command-line string.
+
+    ``synthetic`` / ``synthetic:SIZE``: ``SyntheticSource`` (with embeddings for prior /
+    decoder / inpaint, shaped by ``config``); a dir with ``embeddings.json``: ``EmbeddingDataset``;
+    anything else is handed to ``unclip_jax.data.open_reader(spec, batch_size=..., seed=...)``
+    when the data package provides it.
+    """
+    if spec.startswith("synthetic"):
+        size = int(spec.split(":", 1)[1]) if ":" in spec else _default_image_size(config, stage)
+        emb = None
+        if stage in ("prior", "decoder", "inpaint"):
+            c = cfg_lib.clip_config(config)
+            emb = (c.projection_dim, c.text_config.max_position_embeddings,
+                   c.text_config.hidden_size)
+        return SyntheticSource(batch_size, size, seed, embeddings=emb)
+    if os.path.isfile(os.path.join(spec, EMBED_META)):
+        return EmbeddingDataset(spec, batch_size, seed)
+    try:
+        from unclip_jax import data as data_lib
+
+        opener = getattr(data_lib, "open_reader")
+    except (ImportError, AttributeError):
+        raise cfg_lib.ConfigError(
+            f"--data {spec!r}: not 'synthetic[:SIZE]' and not an embeddings dir (from `unclip "
+            "embed`), and this unclip_jax has no dataset readers (unclip_jax.data.open_reader)"
+        ) from None
+    return opener(spec, batch_size=batch_size, seed=seed)
+
+
+def _default_image_size(config, stage: str) -> int:
+    if stage == "clip":
+        return cfg_lib.clip_config(config).vision_config.image_size
+    if stage == "sr":
+        return cfg_lib.sr_configs(config)[0].image_size
+    return cfg_lib.decoder_config(config).image_size
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+class MetricsWriter:
+    """Console + ``workdir/metrics.jsonl`` (+ TensorBoard when ``tensorboardX`` or
+    ``tensorboard``'s writer is importable). Inert on processes other than 0."""
+
+    def __init__(self, workdir: str, enabled: bool = True, console: bool = True,
+                 tensorboard: bool = True):
+        self.enabled = enabled and is_main_process()
+        self.console = console
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._f = open(self.path, "a")
+            if tensorboard:
+                self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+
+    def write(self, record: dict, pbar=None) -> None:
+        if not self.enabled:
+            return
+        rec = {k: _json_number(v) for k, v in record.items()}
+        self._f.write(json.dumps(rec, sort_keys=True) + "\n")
+        self._f.flush()
+        if self._tb is not None and "step" in record:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(record["step"]))
+            self._tb.flush()
+        if self.console:
+            msg = " ".join(f"{k}={_fmt(v)}" for k, v in rec.items())
+            if pbar is not None and not pbar.disable:
+                pbar.write(msg)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _tensorboard_writer(logdir: str):
+    for mod in ("tensorboardX", "torch.utils.tensorboard"):
+        try:
+            m = __import__(mod, fromlist=["SummaryWriter"])
+            return m.SummaryWriter(logdir)
+        except Exception:  # noqa: BLE001 - optional dependency
+            continue
+    return None
+
+
+def _json_number(v):
+    if isinstance(v, (np.generic, np.ndarray)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """``state`` (the final TrainState, on the mesh), ``frozen`` (non-trainable variables),
+    ``step``, ``preempted`` (stopped by SIGTERM after saving), ``last_metrics``."""
+
+    state: TrainState
+    frozen: PyTree
+    step: int
+    preempted: bool
+    last_metrics: dict
+    workdir: str
+
+
+def _checkpoint_tree(state, frozen):
+    return {"train": state, "frozen": frozen} if jax.tree.leaves(frozen) else {"train": state}
+
+
+def _load_init_params(config, path: str, stage: str = "decoder"):
+    """Decoder params for ``train.inpaint.init_from``: a model dir or a decoder workdir (EMA)."""
+    from unclip_jax.train import export as export_lib
+
+    return export_lib.load_stage_params(config, stage, path)
+
+
+def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional[int] = None,
+          progress: bool = True, console: bool = True,
+          callbacks: Sequence[Callable[[int, dict], None]] = (),
+          devices: Optional[Sequence] = None) -> TrainResult:
+    """Train ``stage`` (``clip``, ``prior``, ``decoder``, ``sr``, ``inpaint``) until
+    ``state.step == steps`` (default ``train.<stage>.total_steps``), resuming from the latest
+    checkpoint in ``workdir`` if there is one.
+
+    ``data`` yields per-process host batches (see the module docstring). ``callbacks`` get
+    ``(step, metrics)`` after every step (host floats). Raises ``NonFiniteLossError`` after
+    ``max_nonfinite`` non-finite losses in a row, ``ConfigError`` for bad config,
+    ``checkpoint.ConfigMismatchError`` when the workdir's checkpoints were made with another
+    model / schedule config.
+    """
+    tc = train_config(config, stage)
+    end = int(tc.total_steps if steps is None else steps)
+    st = build_stage(stage, config, sr_index=int(tc.extra.get("index", 0)))
+    mesh = stage_mesh(tc.mesh, devices)
+    optimizer = make_optimizer(tc.optimizer())
+    use_ema = tc.ema_decay > 0
+
+    def init_fn(rng):
+        return TrainState.create(st.init(rng), optimizer, rng, use_ema=use_ema)
+
+    rng = jax.random.PRNGKey(tc.seed)
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = param_shardings(abstract, mesh)
+    ckpt = Checkpointer(workdir, save_every=tc.save_every, keep_last=tc.keep_last,
+                        config=stage_config_json(config, stage))
+    frozen = _initial_frozen(st, data)
+    frozen_sh = jax.tree.map(lambda _: jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()), frozen)
+    if ckpt.latest_step() is not None:
+        target = _checkpoint_tree(with_shardings(abstract, shardings),
+                                  with_shardings(frozen, frozen_sh))
+        restored = ckpt.restore(target)
+        state = restored.state["train"]
+        frozen = restored.state.get("frozen", frozen)
+        if restored.data_state is not None:
+            data.set_state(restored.data_state)
+        log.info("resumed %s from %s at step %d", stage, workdir, restored.step)
+    else:
+        state = sharded_init(init_fn, mesh, rng)
+        frozen = jax.device_put(frozen, frozen_sh)
+        init_from = tc.extra.get("init_from", "")
+        if stage == "inpaint" and init_from:
+            from unclip_jax.train.losses import inpaint_params_from_decoder
+
+            params = inpaint_params_from_decoder(_load_init_params(config, init_from),
+                                                 state.params)
+            params = jax.device_put(params, shardings.params)
+            state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params)
+                                  if use_ema else None)
+    start = int(state.step)
+
+    step_fn = jit_train_step(
+        make_train_step(st.make_loss(frozen), optimizer, tc.ema() if use_ema else None,
+                        compute_dtype=cfg_lib.compute_dtype(config)),
+        mesh, shardings)
+
+    writer = MetricsWriter(workdir, console=console)
+    pbar = _progress_bar(start, end, stage, progress and is_main_process())
+    nonfinite_in_a_row = 0
+    acc: dict[str, list] = {}
+    t_last, n_last = time.perf_counter(), 0
+    last: dict = {}
+    preempted = False
+    step = start
+    try:
+        with PreemptionGuard() as guard:
+            it = iter(data)
+            while step < end:
+                host = st.prepare(next(it))
+                batch = global_batch_from_local(host, mesh)
+                state, metrics = step_fn(state, batch)
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step += 1
+                n_last += 1
+                last = m
+                for cb in callbacks:
+                    cb(step, m)
+                if m["skipped"]:
+                    nonfinite_in_a_row += 1
+                    writer.write({"step": step, "event": "nonfinite_skipped", "loss": m["loss"],
+                                  "grad_norm": m["grad_norm"],
+                                  "in_a_row": nonfinite_in_a_row}, pbar)
+                    if nonfinite_in_a_row >= tc.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{stage}: {nonfinite_in_a_row} non-finite losses in a row (last at "
+                            f"step {step}, loss={m['loss']}); stopping. The last checkpoint in "
+                            f"{workdir} is step {ckpt.latest_step()}. Lower train.{stage}."
+                            "learning_rate or check the data, then resume.")
+                else:
+                    nonfinite_in_a_row = 0
+                    for k, v in m.items():
+                        acc.setdefault(k, []).append(v)
+                pbar.update(1)
+                if step % tc.log_every == 0 or step == end:
+                    now = time.perf_counter()
+                    rec = {"step": step}
+                    rec.update({k: float(np.mean(v)) for k, v in acc.items() if k != "skipped"})
+                    rec["lr"] = m["lr"]
+                    rec["skipped"] = int(n_last - len(acc.get("loss", [])))
+                    rec["images_per_sec"] = tc.batch_size * n_last / max(now - t_last, 1e-9)
+                    for k in ("loss", "grad_norm"):
+                        rec.setdefault(k, float("nan"))
+                    writer.write(rec, pbar)
+                    pbar.set_postfix(loss=f"{rec['loss']:.4g}")
+                    acc, t_last, n_last = {}, now, 0
+                ckpt.maybe_save(step, _checkpoint_tree(state, frozen), data.get_state())
+                if guard.should_stop(step):
+                    ckpt.save(step, _checkpoint_tree(state, frozen), data.get_state())
+                    writer.write({"step": step, "event": "preempted_saved"}, pbar)
+                    preempted = True
+                    break
+            if not preempted:
+                ckpt.save(step, _checkpoint_tree(state, frozen), data.get_state())
+    finally:
+        pbar.close()
+        writer.close()
+        ckpt.close()
+    return TrainResult(state, frozen, step, preempted, last, workdir)
+
+
+def _initial_frozen(st, data) -> PyTree:
+    """The stage's non-trainable variables; the prior's normalisation stats come from the data
+    (``data.clip_stats()``) when it has them."""
+    frozen = st.frozen
+    if st.name == "prior" and hasattr(data, "clip_stats"):
+        from unclip_jax.models import prior as prior_lib
+
+        mean, std = data.clip_stats()
+        v = prior_lib.set_clip_stats({"buffers": frozen["buffers"]}, mean, std)
+        frozen = {"buffers": v["buffers"]}
+    return frozen
+
+
+def _progress_bar(start: int, end: int, stage: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=end, initial=start, desc=f"train {stage}", unit="step", disable=not enabled,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+__all__ = ["train", "TrainResult", "TrainConfig", "train_config", "stage_config_json",
+           "stage_mesh", "DataSource", "SyntheticSource", "EmbeddingDataset",
+           "write_embeddings", "open_data", "MetricsWriter", "NonFiniteLossError",
+           "METRICS_FILE", "METRIC_KEYS"]
