@@ -1,0 +1,53 @@
+"""The shipped default model: a small unCLIP trained on emoji (issue "5 of 6").
+
+Data: tfds `emoji_dataset` (Google + Twitter emoji 16.0.0, 64x64, several captions per image;
+~10% of base concepts held out as `test`). Sizes are chosen so that the four stages train on a
+2-core CPU in a few hours and the EMA weights of everything shipped fit in <= 30 MB as bf16.
+Captions use a small BPE vocabulary learned from the emoji captions
+(unclip_jax/assets/emoji_tokenizer).
+"""
+import ml_collections
+
+TEXT_LEN = 32
+CLIP_DIM = 192
+TEXT_WIDTH = 192
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "emoji"
+    c.dtype = "float32"
+    c.tokenizer = "emoji_tokenizer"
+    c.data = dict(name="emoji_dataset", image_size=64)
+
+    c.clip = dict(
+        projection_dim=CLIP_DIM,
+        text_config=dict(vocab_size=4096, hidden_size=TEXT_WIDTH, intermediate_size=768,
+                         num_hidden_layers=3, num_attention_heads=4,
+                         max_position_embeddings=TEXT_LEN, projection_dim=CLIP_DIM,
+                         bos_token_id=4094, eos_token_id=4095, pad_token_id=0),
+        vision_config=dict(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768,
+                           num_hidden_layers=3, num_attention_heads=4, projection_dim=CLIP_DIM),
+    )
+    c.prior = dict(clip_dim=CLIP_DIM, width=192, num_layers=4, num_heads=4,
+                   num_text_tokens=TEXT_LEN, text_states_dim=TEXT_WIDTH, dropout=0.1)
+    c.decoder = dict(image_size=32, model_channels=40, channel_mult=(1, 2, 2), num_res_blocks=2,
+                     attention_resolutions=(16, 8), num_head_channels=40, norm_groups=8,
+                     dropout=0.1, learn_sigma=True, clip_dim=CLIP_DIM, clip_emb_mult=4,
+                     text_encoder="clip", context_dim=192, text_ctx=TEXT_LEN,
+                     text_states_dim=TEXT_WIDTH, text_emb_dim=CLIP_DIM)
+    c.sr = [dict(image_size=64, model_channels=24, channel_mult=(1, 2, 3), num_res_blocks=1,
+                 attention_resolutions=(), use_middle_attention=False, norm_groups=8,
+                 low_res_cond=True, low_res_resize_method="bilinear")]
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.prior = dict(steps=1000, schedule="cosine", model_output="x0",
+                             model_var_type="fixed_small", sample_steps="25", sampler="ddpm",
+                             guidance=2.0, num_candidates=2, cfg_drop_text=0.1)
+    c.diffusion.decoder = dict(steps=1000, schedule="cosine", model_output="eps",
+                               model_var_type="learned_range", sample_steps="25", sampler="ddpm",
+                               guidance=3.0, cfg_drop_clip=0.1, cfg_drop_text=0.5)
+    c.diffusion.sr = dict(steps=1000, schedule="linear", model_output="eps",
+                          model_var_type="fixed_small", sample_steps="7", sampler="ddpm",
+                          blur_sigma=(0.4, 0.6))
+    return c
