@@ -639,7 +639,8 @@ class PlanReport:
             f"  train state (params + AdamW mu, nu + EMA) per device: "
             f"{g(self.state_bytes_per_device)}; batch {g(self.batch_bytes_per_device)}",
         ]
-        lines += self._cost_lines(self.train, "train step")
+        if self.train is not None:
+            lines += self._cost_lines(self.train, "train step")
         if self.sample is not None:
             lines += self._cost_lines(self.sample, "sample step", per_image_steps=True)
         verdict = "FITS" if self.fits else "DOES NOT FIT"
@@ -979,9 +980,8 @@ def _train_section(config, stage: str, sr_index: int) -> dict:
     if tr is None:
         return {}
     st = _section(tr, stage, default=None)
-    if isinstance(st, (list, tuple)) or (stage == "sr" and st is not None and
-                                         not hasattr(st, "keys") and len(st)):
-        st = st[sr_index]
+    if isinstance(st, (list, tuple)):  # train.sr: one entry per upsampler
+        st = st[sr_index] if sr_index < len(st) else None
     out = {}
     for k in ("mesh", "ema_decay", "topology"):
         v = _section(tr, k, default=None)
@@ -1030,7 +1030,15 @@ def plan(config, stage: str, topology: Union[str, Topology, None] = None, *,
     topo = parse_topology(topology) if isinstance(topology, str) else topology
     n = topo.num_chips
     mesh_cfg = parse_mesh(mesh) if isinstance(mesh, str) else mesh
-    sizes = resolve_mesh(mesh_cfg if mesh_cfg else tr.get("mesh"), n)
+    notes = []
+    if mesh_cfg:
+        sizes = resolve_mesh(mesh_cfg, n)
+    else:
+        try:
+            sizes = resolve_mesh(tr.get("mesh"), n)
+        except ValueError as e:  # the config's mesh is for another slice size
+            sizes = resolve_mesh(None, n)
+            notes.append(f"train.mesh does not fit {n} devices ({e}); using fsdp={n}")
     if batch_size is None:
         batch_size = int(tr.get("batch_size", 0) or 2 * n)
     if train_size is None and tr.get("train_size"):
@@ -1063,7 +1071,7 @@ def plan(config, stage: str, topology: Union[str, Topology, None] = None, *,
         param_bytes_total=p_total, param_bytes_per_device=p_dev, param_bytes_ideal=ideal,
         replicated_param_bytes=p_repl, state_bytes_per_device=state_dev,
         batch_bytes_per_device=batch_dev, estimate_bytes=estimate,
-        sample_steps=spec.sample_steps, note=spec.note)
+        sample_steps=spec.sample_steps, note="; ".join([spec.note] + notes).strip("; "))
 
     if compile_train or compile_sample:
         from unclip_jax.parallel.mesh import make_mesh
