@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 EXIT_USAGE = 2
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -161,7 +161,7 @@ def read_image(path: str, what: str = "image"):
 MASK_TOLERANCE = 10  # grey levels within this of 0 / 255 count as black / white
 
 
-def read_mask(path: str, shape) -> "np.ndarray":
+def read_mask(path: str, shape):
     """MASK.png -> bool ``[H, W]`` (True = regenerate: white), resized (nearest, with a
     warning) to the image ``shape``; UsageError if unreadable, not black-and-white, or marking
     nothing / everything."""
@@ -214,11 +214,16 @@ def add_steps(p: argparse.ArgumentParser, prior: bool = True) -> None:
     if prior:
         p.add_argument("--prior", choices=("diffusion", "ar"), default="diffusion",
                        help="diffusion prior, or the autoregressive prior (if the model has one)")
-        p.add_argument("--prior-steps", type=_positive_int("--prior-steps"), default=None)
-        p.add_argument("--prior-guidance", type=_nonneg_float("--prior-guidance"), default=None)
-    p.add_argument("--decoder-steps", type=_positive_int("--decoder-steps"), default=None)
-    p.add_argument("--decoder-guidance", type=_nonneg_float("--decoder-guidance"), default=None)
-    p.add_argument("--sr-steps", type=_positive_int("--sr-steps"), default=None)
+        p.add_argument("--prior-steps", type=_positive_int("--prior-steps"), default=None,
+                       help="prior sampling steps (default: the model's)")
+        p.add_argument("--prior-guidance", type=_nonneg_float("--prior-guidance"), default=None,
+                       help="prior classifier-free guidance scale (default: the model's)")
+    p.add_argument("--decoder-steps", type=_positive_int("--decoder-steps"), default=None,
+                   help="decoder sampling steps (default: the model's)")
+    p.add_argument("--decoder-guidance", type=_nonneg_float("--decoder-guidance"), default=None,
+                   help="decoder guidance scale on CLIP emb + caption (default: the model's)")
+    p.add_argument("--sr-steps", type=_positive_int("--sr-steps"), default=None,
+                   help="upsampler steps (default: the model's)")
 
 
 def _check_prior(model, args) -> None:

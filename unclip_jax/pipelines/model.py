@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -151,9 +151,9 @@ def _random_ar_prior(cfg: ar_lib.ARPriorConfig, key) -> dict:
                       explained_variance=jnp.asarray(var[:k], jnp.float32),
                       total_variance=jnp.asarray(var.sum(), jnp.float32))
     span = 3.0 / float(np.sqrt(d))
-    return ar_prior_tree(
-        params, pca, pca_lib.uniform_quantizer(np.full(k, -span), np.full(k, span), cfg.num_buckets),
-        pca_lib.uniform_quantizer(-1.0, 1.0, cfg.dot_buckets))
+    quantizer = pca_lib.uniform_quantizer(np.full(k, -span), np.full(k, span), cfg.num_buckets)
+    return ar_prior_tree(params, pca, quantizer,
+                         pca_lib.uniform_quantizer(-1.0, 1.0, cfg.dot_buckets))
 
 
 def init_random(config: ml_collections.ConfigDict, seed: int = 0) -> UnCLIP:
@@ -164,12 +164,21 @@ def init_random(config: ml_collections.ConfigDict, seed: int = 0) -> UnCLIP:
     prior_cfg, dec_cfg = cfg_lib.prior_config(config), cfg_lib.decoder_config(config)
     unet_params = lambda c, k: unet_lib.init_unet(c, k)["params"]  # noqa: E731
     params = {
-        "clip": nn.meta.unbox(clip_lib.init_params(clip_cfg, keys[0])),
+        # clip_text_only: converted models without a CLIP image tower (unclip convert)
+        "clip": nn.meta.unbox(clip_lib.init_params(
+            clip_cfg, keys[0], vision=not config.get("clip_text_only", False))),
         "prior": nn.meta.unbox(jax.jit(lambda k: prior_lib.init_prior(prior_cfg, k))(keys[1])),
         "decoder": nn.meta.unbox(jax.jit(lambda k: unet_params(dec_cfg, k))(keys[2])),
         "sr": [nn.meta.unbox(jax.jit(lambda k, c=c: unet_params(c, k))(k))
                for c, k in zip(cfg_lib.sr_configs(config), keys[3:])],
     }
+    # sr_last_step: upsamplers with a second UNet for their last step (Karlo's super_res_last)
+    sr_cfgs = cfg_lib.sr_configs(config)
+    last = [int(i) for i in (config.get("sr_last_step", ()) or ())]
+    if last:
+        params["sr_last"] = {
+            str(i): nn.meta.unbox(jax.jit(lambda k, c=sr_cfgs[i]: unet_params(c, k))(
+                jax.random.fold_in(keys[3 + i], 1))) for i in last}
     ar_cfg = ar_prior_config(config)
     if ar_cfg is not None:
         params["ar_prior"] = _random_ar_prior(ar_cfg, jax.random.fold_in(keys[0], 7))

@@ -22,26 +22,28 @@ def label_probs(model: UnCLIP, images_uint8, labels: Sequence[str]) -> np.ndarra
 
 
 def bar_chart(labels: Sequence[str], probs: Sequence[float], height: int,
-              width: Optional[int] = None) -> np.ndarray:
-    """A horizontal bar chart (uint8 ``[H, W, 3]``, white background): one bar per label with
-    its probability in percent; the most likely label in red."""
+              bar_width: int = 120) -> np.ndarray:
+    """A horizontal bar chart (uint8 ``[H, W, 3]``, white background): per label its name, a
+    bar of length ``prob * bar_width`` and the probability in percent; the most likely label's
+    bar in red."""
     font = ImageFont.load_default()
-    n = len(labels)
-    row = 14
+    n, row = len(labels), 14
     height = max(int(height), n * row + 8)
-    text_w = max(int(font.getlength(f"{lab}  100.0%")) for lab in labels)
-    width = int(width or max(160, text_w + 60))
+    label_w = max(int(font.getlength(lab)) for lab in labels)
+    pct_w = int(font.getlength("100.0%"))
+    width = 4 + label_w + 6 + bar_width + 6 + pct_w + 4
     im = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(im)
     top = (height - n * row) // 2
     best = int(np.argmax(probs))
-    bar_max = width - 8
+    x0 = 4 + label_w + 6
     for i, (lab, p) in enumerate(zip(labels, probs)):
         y = top + i * row
-        w = int(round(float(p) * bar_max))
-        d.rectangle([4, y + 1, 4 + max(w, 1), y + row - 2],
-                    fill=(230, 80, 70) if i == best else (150, 180, 230))
-        d.text((6, y + 1), f"{lab}  {100 * float(p):.1f}%", fill="black", font=font)
+        w = max(int(round(float(p) * bar_width)), 1)
+        d.text((4, y + 1), lab, fill="black", font=font)
+        d.rectangle([x0, y + 2, x0 + w, y + row - 3],
+                    fill=(230, 80, 70) if i == best else (120, 150, 210))
+        d.text((x0 + w + 6, y + 1), f"{100 * float(p):.1f}%", fill="black", font=font)
     return np.asarray(im)
 
 

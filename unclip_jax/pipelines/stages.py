@@ -10,7 +10,7 @@ between calls with the same shapes. Shapes: embeddings ``[B, D]``, caption state
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -192,10 +192,15 @@ def _prior_fn(model: UnCLIP):
         def inner(x, t, variables, text_emb, text_states, text_mask, drop):
             return prior.apply(variables, x, t, text_emb, text_states, text_mask, drop)
 
+        # diffusion.prior.clip_range (converted Karlo / diffusers priors): the guided x0
+        # prediction is clipped to +-clip_range (diffusers 5, Karlo 10); 0 / absent: no clip.
+        clip = float(model.stage_options("prior").get("clip_range", 0.0) or 0.0)
+
         def fn(x, t, variables, text_emb, text_states, text_mask, drop, scale):
             guided = classifier_free_guidance(inner, scale)
-            return guided(x, t, variables=variables, text_emb=text_emb, text_states=text_states,
-                          text_mask=text_mask, drop=drop)
+            out = guided(x, t, variables=variables, text_emb=text_emb, text_states=text_states,
+                         text_mask=text_mask, drop=drop)
+            return jnp.clip(out, -clip, clip) if clip > 0 else out
         return fn
     return _cached(model, "prior_fn", build)
 
@@ -301,6 +306,18 @@ def decoder_kwargs(model: UnCLIP, clip_emb, text: Optional[TextCondition], scale
             raise ValueError("this decoder is caption-conditioned: pass the text condition")
         kw.update(text_emb=_twice(text.emb), text_states=_twice(text.states),
                   text_mask=_twice(text.mask))
+        if model.stage_options("decoder").get("uncond_caption", "drop") == "empty":
+            # Karlo / diffusers: the unconditional half sees the CLIP encoding of "" (not a
+            # masked-out caption); drop_text_cond rows of the conditional half do too.
+            empty = empty_text(model, 1)
+            rep = lambda a, n: jnp.broadcast_to(a[:1], (n,) + a.shape[1:])  # noqa: E731
+            cond_drop = flags(drop_text_cond)[:, None]
+            pick = lambda e, c: jnp.concatenate([  # noqa: E731
+                jnp.where(cond_drop.reshape((b,) + (1,) * (c.ndim - 1)), rep(e, b), c),
+                rep(e, b)]).astype(c.dtype)
+            kw.update(text_emb=pick(empty.emb, text.emb),
+                      text_states=pick(empty.states, text.states),
+                      text_mask=pick(empty.mask, text.mask), drop_text=jnp.zeros((2 * b,), bool))
     if cfg.inpaint:
         if inpaint_image is None:
             raise ValueError("inpainting decoder: pass inpaint_image and inpaint_mask")
@@ -352,8 +369,13 @@ def _sr_fn(model: UnCLIP, i: int):
     def build():
         net = model.upsamplers[i]
 
-        def fn(x, t, params, low_res):
-            return net.apply({"params": params}, x, t, low_res=low_res)
+        def fn(x, t, params, low_res, params_last=None):
+            if params_last is None:
+                return net.apply({"params": params}, x, t, low_res=low_res)
+            # Karlo's super_res_last runs the last step (original timestep 0)
+            return jax.lax.cond(
+                t[0] == 0, lambda: net.apply({"params": params_last}, x, t, low_res=low_res),
+                lambda: net.apply({"params": params}, x, t, low_res=low_res))
         return fn
     return _cached(model, f"sr_fn_{i}", build)
 
@@ -370,6 +392,8 @@ def upsample(model: UnCLIP, key, images, index: int = 0, *, steps=None,
     b = images.shape[0]
     shape = (b, cfg.image_size, cfg.image_size, 3)
     kw = dict(params=model.params["sr"][index], low_res=jnp.asarray(images, jnp.float32))
+    if str(index) in (model.params.get("sr_last") or {}):
+        kw["params_last"] = model.params["sr_last"][str(index)]
     if source is not None:
         source = jnp.asarray(source, jnp.float32)
         mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), shape)

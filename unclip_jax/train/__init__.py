@@ -8,3 +8,18 @@ from unclip_jax.train.optim import (  # noqa: F401
 )
 from unclip_jax.train.state import TrainState  # noqa: F401
 from unclip_jax.train.step import cast_floating, jit_train_step, make_train_step  # noqa: F401
+from unclip_jax.train.losses import (  # noqa: F401,E402
+    STAGES,
+    build_stage,
+    inpaint_params_from_decoder,
+    make_loss_fn,
+)
+from unclip_jax.train.loop import (  # noqa: F401,E402
+    DataSource,
+    EmbeddingDataset,
+    NonFiniteLossError,
+    SyntheticSource,
+    TrainResult,
+    train,
+    train_config,
+)

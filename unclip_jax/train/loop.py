@@ -361,13 +361,19 @@ def write_embeddings(out_dir: str, batches, meta: Optional[dict] = None,
     return meta
 
 
-def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0) -> DataSource:
+def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0,
+              one_pass: bool = False) -> DataSource:
     """A data source from a command-line string.
 
-    ``synthetic`` / ``synthetic:SIZE``: ``SyntheticSource`` (with embeddings for prior /
-    decoder / inpaint, shaped by ``config``); a dir with ``embeddings.json``: ``EmbeddingDataset``;
-    anything else is handed to ``unclip_jax.data.open_reader(spec, batch_size=..., seed=...)``
-    when the data package provides it.
+    * ``synthetic`` / ``synthetic:SIZE``: ``SyntheticSource`` (with embeddings for prior /
+      decoder / inpaint, shaped by ``config``);
+    * a dir with ``embeddings.json`` (``unclip embed`` output): ``EmbeddingDataset``;
+    * ``tfds:NAME[:SPLIT][@DATA_DIR]`` (e.g. ``tfds:emoji_dataset:train@data``): the
+      checkpointable grain reader of ``unclip_jax.data.pipeline`` over that prepared tfds
+      dataset (images in [-1, 1], one caption drawn per example).
+
+    ``one_pass``: a finite, unshuffled pass over the data keeping the last partial batch (for
+    ``unclip embed``).
     """
     if spec.startswith("synthetic"):
         size = int(spec.split(":", 1)[1]) if ":" in spec else _default_image_size(config, stage)
@@ -378,17 +384,34 @@ def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0) -> 
                    c.text_config.hidden_size)
         return SyntheticSource(batch_size, size, seed, embeddings=emb)
     if os.path.isfile(os.path.join(spec, EMBED_META)):
-        return EmbeddingDataset(spec, batch_size, seed)
-    try:
-        from unclip_jax import data as data_lib
-
-        opener = getattr(data_lib, "open_reader")
-    except (ImportError, AttributeError):
-        raise cfg_lib.ConfigError(
-            f"--data {spec!r}: not 'synthetic[:SIZE]' and not an embeddings dir (from `unclip "
-            "embed`), and this unclip_jax has no dataset readers (unclip_jax.data.open_reader)"
-        ) from None
-    return opener(spec, batch_size=batch_size, seed=seed)
+        return EmbeddingDataset(spec, batch_size, seed, shuffle=not one_pass)
+    if spec.startswith("tfds:"):
+        body, _, data_dir = spec[len("tfds:"):].partition("@")
+        name, _, split = body.partition(":")
+        try:
+            from unclip_jax.data import pipeline as pipeline_lib
+        except ImportError as e:
+            raise cfg_lib.ConfigError(f"--data {spec}: the data pipeline is unavailable: {e}")
+        for mod in ("emoji", "image_caption"):  # register our builders with tfds
+            try:
+                __import__(f"unclip_jax.data.{mod}")
+            except ImportError:
+                pass
+        kw = dict(seed=seed)
+        if one_pass:
+            kw.update(num_epochs=1, shuffle=False, drop_remainder=False)
+        try:
+            reader = pipeline_lib.make_reader(name, split or "train", batch_size,
+                                              data_dir=data_dir or None, **kw)
+        except Exception as e:  # noqa: BLE001 - tfds raises many types for a missing dataset
+            raise cfg_lib.ConfigError(f"--data {spec}: cannot open tfds dataset {name!r} "
+                                      f"(split {split or 'train'!r}, data_dir "
+                                      f"{data_dir or 'default'!r}): {e}") from None
+        reader.num_examples = reader.per_shard
+        return reader
+    raise cfg_lib.ConfigError(
+        f"--data {spec!r}: use 'synthetic[:SIZE]', an embeddings dir (from `unclip embed`), or "
+        "'tfds:NAME[:SPLIT][@DATA_DIR]'")
 
 
 def _default_image_size(config, stage: str) -> int:
@@ -547,10 +570,9 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
                                   if use_ema else None)
     start = int(state.step)
 
-    step_fn = jit_train_step(
-        make_train_step(st.make_loss(frozen), optimizer, tc.ema() if use_ema else None,
-                        compute_dtype=cfg_lib.compute_dtype(config)),
-        mesh, shardings)
+    pure_step = make_train_step(st.make_loss(frozen), optimizer, tc.ema() if use_ema else None,
+                                compute_dtype=cfg_lib.compute_dtype(config))
+    step_fn = None  # jitted at the first batch, with that batch's shardings
 
     writer = MetricsWriter(workdir, console=console)
     pbar = _progress_bar(start, end, stage, progress and is_main_process())
@@ -566,6 +588,10 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
             while step < end:
                 host = st.prepare(next(it))
                 batch = global_batch_from_local(host, mesh)
+                if step_fn is None:
+                    step_fn = jit_train_step(pure_step, mesh, shardings,
+                                             batch_sharding=jax.tree.map(lambda x: x.sharding,
+                                                                         batch))
                 state, metrics = step_fn(state, batch)
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 step += 1

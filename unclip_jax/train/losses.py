@@ -56,6 +56,7 @@ DIFFUSION_SECTION = {"prior": "prior", "decoder": "decoder", "sr": "sr", "inpain
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EMBED_KEYS = ("image_emb", "text_emb", "text_states", "text_mask")
+HOST_ONLY_KEYS = ("index", "caption")  # reader bookkeeping / strings: not sent to devices
 
 
 class MissingBatchKeyError(KeyError):
@@ -430,6 +431,8 @@ class Stage:
 def _numeric(batch: dict) -> dict:
     out = {}
     for k, v in batch.items():
+        if k in HOST_ONLY_KEYS:
+            continue
         a = np.asarray(v)
         if a.dtype.kind in "biuf":
             out[k] = a
@@ -465,8 +468,7 @@ def build_stage(stage: str, config, *, sr_index: int = 0) -> Stage:
                      ("clip",))
     if stage == "prior":
         pcfg = cfg_lib.prior_config(config)
-        buffers = nn.meta.unbox(jax.jit(lambda k: prior_lib.init_prior(pcfg, k))(
-            jax.random.PRNGKey(0))["buffers"])
+        buffers = _initial_buffers(pcfg)
         return Stage("prior", lambda rng: prior_lib.init_prior(pcfg, rng)["params"],
                      {"buffers": buffers}, lambda frozen: prior_loss_fn(config, frozen["buffers"]),
                      _numeric, ("prior",))
@@ -481,6 +483,16 @@ def build_stage(stage: str, config, *, sr_index: int = 0) -> Stage:
     s = sr_settings(config, sr_index)
     return Stage("sr", lambda rng: unet_lib.init_unet(s["config"], rng)["params"], {},
                  lambda frozen: sr_loss_fn(config, sr_index), _numeric, ("decoder", "sr"))
+
+
+def _initial_buffers(pcfg) -> dict:
+    """The prior's initial ``buffers`` without compiling an init: ``clip_std`` and
+    ``null_text_mask`` ones, everything else zeros (what ``DiffusionPrior`` initialises)."""
+    abstract = nn.meta.unbox(jax.eval_shape(
+        lambda k: prior_lib.init_prior(pcfg, k), jax.random.PRNGKey(0))["buffers"])
+    ones = ("clip_std", "null_text_mask")
+    return {k: (np.ones if k in ones else np.zeros)(v.shape, v.dtype)
+            for k, v in abstract.items()}
 
 
 def _clip_dummy(ccfg) -> dict:

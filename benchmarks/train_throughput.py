@@ -1,0 +1,116 @@
+"""Training throughput: images (or embeddings) per second and model FLOPs utilisation (MFU).
+
+Builds the real train step of a stage (the loss of ``unclip_jax.train.losses``, AdamW, EMA,
+compute dtype from ``--dtype``), jits it, reads the FLOPs of one step from the compiled
+executable (``cost_analysis``: forward + backward + optimizer, XLA's count), and times
+``--steps`` steps after a warm-up (median). MFU = FLOPs per step / step time / peak FLOP/s
+of the device (``--peak-tflops``, or a table of known accelerators; none on CPU).
+
+    python benchmarks/train_throughput.py --config experiments/tiny.py --stage decoder --batch 8
+    python benchmarks/train_throughput.py --config experiments/karlo.py --stage decoder \
+        --batch 8 --dtype bfloat16           # on one H100 / TPU chip
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax import config as cfg_lib
+from unclip_jax.train.losses import build_stage
+from unclip_jax.train.optim import make_optimizer
+from unclip_jax.train.state import TrainState
+from unclip_jax.train.step import make_train_step
+
+# Dense bf16 peak FLOP/s per chip.
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
+               "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0, "tpu v6": 918.0}
+
+
+def peak_tflops(device) -> float | None:
+    kind = device.device_kind.lower()
+    for name, tf in PEAK_TFLOPS.items():
+        if name in kind:
+            return tf
+    return None
+
+
+def synthetic_batch(config, stage: str, batch: int, rng: np.random.Generator) -> dict:
+    """Random arrays with the keys and shapes the stage's loss reads."""
+    ccfg = cfg_lib.clip_config(config)
+    d, L = ccfg.projection_dim, ccfg.text_config.max_position_embeddings
+    w = ccfg.text_config.hidden_size
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    cond = dict(image_emb=f(batch, d), text_emb=f(batch, d), text_states=f(batch, L, w),
+                text_mask=np.ones((batch, L), bool))
+    if stage == "prior":
+        return cond
+    size = cfg_lib.decoder_config(config).image_size if stage == "decoder" else \
+        cfg_lib.sr_configs(config)[0].image_size
+    return dict(cond, image=np.clip(f(batch, size, size, 3), -1, 1))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="experiments/tiny.py")
+    ap.add_argument("--stage", choices=("decoder", "prior", "sr"), default="decoder")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: the config's)")
+    ap.add_argument("--peak-tflops", type=float, default=None)
+    args = ap.parse_args(argv)
+
+    config = cfg_lib.load_config_file(args.config)
+    if args.dtype:
+        config.dtype = args.dtype
+    dtype = cfg_lib.compute_dtype(config)
+    stage = build_stage(args.stage, config)
+    optimizer = make_optimizer(dict(learning_rate=1e-4, warmup_steps=0, total_steps=10_000))
+    params = jax.jit(lambda k: jax.tree.map(lambda x: x, stage.init(k)))(
+        jax.random.key(0, impl="rbg"))
+    import flax.linen as nn
+    params = nn.meta.unbox(params)
+    state = TrainState.create(params, optimizer, jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(stage.make_loss(stage.frozen), optimizer, ema_decay=0.999,
+                                   compute_dtype=dtype), donate_argnums=0)
+    host = stage.prepare(synthetic_batch(config, args.stage, args.batch,
+                                         np.random.default_rng(0)))
+    batch = jax.tree.map(jnp.asarray, host)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+
+    state, m = compiled(state, batch)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    dev = jax.devices()[0]
+    peak = args.peak_tflops or peak_tflops(dev)
+    print(f"device={dev.device_kind} ({dev.platform}) x{jax.device_count()} stage={args.stage} "
+          f"config={config.get('name')} params={n_params:,} batch={args.batch} "
+          f"dtype={jnp.dtype(dtype).name}")
+    print(f"compile_s={compile_s:.1f} step_s={step_s:.4f} (median of {args.steps})")
+    print(f"images_per_s={args.batch / step_s:.1f}")
+    print(f"tflops_per_step={flops / 1e12:.4f} achieved_tflops={flops / step_s / 1e12:.3f}")
+    if peak:
+        print(f"mfu={flops / step_s / (peak * 1e12):.3f} (peak {peak} TFLOP/s)")
+    else:
+        print("mfu=n/a (no known peak for this device; pass --peak-tflops)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""`unclip plan`: compile the sharded train step for a TPU topology on this CPU host.
+
+The compile tests need libtpu (`pip install 'jax[tpu]==0.10.2'`, the `tpu` extra) and are skipped
+without it; the topology parsing, analytic estimate, CLI and launch-script tests run anywhere.
+"""
+import os
+import subprocess
+
+import jax
+import pytest
+
+from unclip_jax.parallel import plan as plan_lib
+from unclip_jax.parallel.plan import GiB, parse_mesh, parse_topology, plan, plan_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "experiments", "tiny.py")
+KARLO = os.path.join(ROOT, "experiments", "karlo.py")
+PAPER = os.path.join(ROOT, "experiments", "paper.py")
+
+needs_libtpu = pytest.mark.skipif(not plan_lib.libtpu_available(),
+                                  reason="libtpu not installed (pip install -e '.[tpu]')")
+
+
+# ---------------------------------------------------------------------------- topologies
+
+
+@pytest.mark.parametrize("name,chip,shape", [
+    ("v5p:4x4x4", "v5p", (4, 4, 4)),
+    ("v5p-128", "v5p", (4, 4, 4)),     # 128 TensorCores = 64 chips
+    ("v4-32", "v4", (2, 2, 4)),
+    ("v4-8", "v4", (2, 2, 1)),
+    ("v4:2x2x4", "v4", (2, 2, 4)),
+    ("v5litepod-16", "v5e", (4, 4)),
+    ("v5e:2x2", "v5e", (2, 2)),
+    ("v6e-8", "v6e", (2, 4)),
+    ("v5p-256", "v5p", (4, 4, 8)),
+])
+def test_parse_topology(name, chip, shape):
+    t = parse_topology(name)
+    assert t.chip.name == chip and t.shape == shape
+    assert parse_topology(t.name) == t
+    assert parse_topology(t.accelerator_type) == t
+
+
+@pytest.mark.parametrize("bad", ["v9:2x2", "v5p:4x4", "v4-6", "v5p-96", "nonsense"])
+def test_parse_topology_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_topology(bad)
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=2,fsdp=8,tensor=1") == {"data": 2, "fsdp": 8, "tensor": 1}
+    assert parse_mesh("fsdp=-1") == {"fsdp": -1}
+    with pytest.raises(ValueError):
+        parse_mesh("model=2")
+
+
+# ---------------------------------------------------------------------------- compiled plan
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    if not plan_lib.libtpu_available():
+        pytest.skip("libtpu not installed")
+    return plan(TINY, "decoder", "v5e:2x2", mesh="data=1,fsdp=4,tensor=1", batch_size=8,
+                dtype="bfloat16", compile_sample=False)
+
+
+@needs_libtpu
+def test_tiny_decoder_train_step_compiles_for_v5e(tiny_report):
+    r = tiny_report
+    assert r.num_devices == 4 and r.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert r.train is not None and r.train.compiled, r.train and r.train.error
+    assert r.fits and not r.estimated
+    c = r.train
+    assert c.flops_per_device > 0
+    assert r.flops_per_step_total == pytest.approx(4 * c.flops_per_device)
+    assert 0 < r.ideal_step_seconds() < 1
+    # HBM accounting: peak = args + out - aliased (donated state) + temp + code.
+    assert c.peak_bytes == (c.argument_bytes + c.output_bytes - c.alias_bytes + c.temp_bytes
+                            + c.code_bytes)
+    assert c.alias_bytes > 0  # the state is donated
+    assert c.argument_bytes >= r.state_bytes_per_device
+    assert c.peak_bytes < r.hbm_bytes == 16 * GiB
+    # fsdp=4: each device holds ~1/4 of the params (norm scales / biases stay replicated).
+    assert r.param_bytes_total == 4 * r.param_count
+    assert r.param_bytes_per_device == pytest.approx(r.param_bytes_total / 4, rel=0.1)
+    sharded = r.param_bytes_total - r.replicated_param_bytes
+    assert r.param_bytes_per_device - r.replicated_param_bytes == pytest.approx(
+        sharded / 4, rel=0.1)
+    text = r.to_text()
+    assert "FITS" in text and "v5e:2x2" in text
+    assert "| yes |" in r.markdown_row()
+    # Compiling for the topology leaves this process on its 8 CPU devices.
+    assert jax.default_backend() == "cpu"
+    assert len(jax.devices()) == 8
+
+
+@needs_libtpu
+def test_topology_devices_are_compile_only_tpus():
+    devs = plan_lib.topology_devices("v4-32")
+    assert len(devs) == 16  # megacore: one device per chip, as on a real v4-32
+    assert all(d.platform == "tpu" for d in devs)
+    assert jax.default_backend() == "cpu"
+
+
+# ---------------------------------------------------------------------------- analytic path
+
+
+def test_paper_decoder_does_not_fit_one_v5e_chip():
+    r = plan(PAPER, "decoder", "v5e:1x1", batch_size=1, compile_train=False,
+             compile_sample=False)
+    assert r.mesh == {"data": 1, "fsdp": 1, "tensor": 1}  # train.mesh (fsdp=16) cannot apply
+    assert "train.mesh does not fit" in r.note
+    assert r.param_count > 3e9
+    # Params + AdamW + EMA alone (16 bytes per param) exceed 16 GiB.
+    assert r.state_bytes_per_device >= 16 * r.param_count * 0.99
+    assert r.estimate_bytes > r.hbm_bytes
+    assert not r.fits and r.estimated
+    assert r.suggestion and "chips" in r.suggestion and "estimate" in r.suggestion
+    assert "DOES NOT FIT" in r.to_text()
+
+
+def test_suggestion_moves_data_parallelism_to_fsdp():
+    # Karlo decoder (893M) on 4 v5e chips, pure data parallel: 4 x 3.3 GiB state + grads
+    # per chip > 16 GiB; sharding it over fsdp=4 fits (analytic).
+    r = plan(KARLO, "decoder", "v5e:2x2", mesh="data=4,fsdp=1,tensor=1", batch_size=4,
+             compile_train=False, compile_sample=False)
+    assert not r.fits
+    assert r.param_bytes_per_device == r.param_bytes_total
+    assert "fsdp=4" in r.suggestion or "fsdp=2" in r.suggestion
+    r2 = plan(KARLO, "decoder", "v5e:2x2", mesh="data=1,fsdp=4,tensor=1", batch_size=4,
+              compile_train=False, compile_sample=False)
+    assert r2.fits  # lower bound only
+    assert r2.param_bytes_per_device == pytest.approx(r2.param_bytes_total / 4, rel=0.01)
+
+
+def test_plan_main_estimate_only(capsys):
+    rc = plan_main(["--config", TINY, "--stage", "prior", "--topology", "v5p:2x2x1",
+                    "--estimate-only", "--batch", "8", "--markdown"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "tiny / prior on v5p:2x2x1" in out and "FITS" in out
+    assert "| tiny prior |" in out
+
+
+def test_plan_main_usage_error(capsys):
+    rc = plan_main(["--config", TINY, "--stage", "decoder", "--topology", "v7:2x2",
+                    "--estimate-only"])
+    assert rc == 2
+    assert "unknown TPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", [KARLO, PAPER])
+def test_big_configs_build(path):
+    from unclip_jax import config as cfg
+
+    c = cfg.load_config_file(path)
+    assert c.dtype == "bfloat16"
+    assert cfg.clip_config(c).projection_dim in (768, 1024)
+    assert cfg.prior_config(c).width == 2048
+    dec = cfg.decoder_config(c)
+    srs = cfg.sr_configs(c)
+    assert dec.image_size == 64 and len(srs) == 2 and srs[0].image_size == 256
+    assert set(c.diffusion.keys()) == {"prior", "decoder", "sr"}
+    assert c.train.decoder.batch_size > 0 and len(c.train.sr) == 2
+    plan_lib.resolve_mesh(c.train.mesh, parse_topology(c.train.topology).num_chips)
+
+
+# ---------------------------------------------------------------------------- launch_tpu.sh
+
+
+def test_launch_tpu_dry_run():
+    script = os.path.join(ROOT, "launch_tpu.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    out = subprocess.run(
+        ["bash", script, "--name", "unclip-pod", "--zone", "us-east5-a",
+         "--accelerator-type", "v5p-128", "--project", "proj", "--config",
+         "experiments/karlo.py", "--stage", "decoder", "--workdir", "gs://bucket/karlo",
+         "--dry-run"],
+        capture_output=True, text=True, check=True).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("gcloud")]
+    assert any("tpu-vm create unclip-pod" in ln and "--accelerator-type v5p-128" in ln
+               for ln in lines)
+    assert any("tpu-vm scp" in ln and "--worker=all" in ln for ln in lines)
+    assert any("pip install -e" in ln and "[tpu]" in ln and "--worker=all" in ln
+               for ln in lines)
+    train = [ln for ln in lines if "unclip train" in ln]
+    assert len(train) == 1 and "--worker=all" in train[0]
+    assert ("unclip train decoder --config experiments/karlo.py --workdir gs://bucket/karlo"
+            in train[0])
+
+
+def test_launch_tpu_rejects_missing_flags():
+    script = os.path.join(ROOT, "launch_tpu.sh")
+    r = subprocess.run(["bash", script, "--name", "x", "--dry-run"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "missing" in r.stderr

@@ -1,0 +1,278 @@
+"""The trainer: exact resume after SIGTERM / a crash, non-finite skipping and abort, metrics,
+export to a model dir that loads and samples, `unclip embed`, the train CLI, and the committed
+micro model dir that pins the model-dir format.
+
+Config: tests/fixtures/micro.py (one device, compiles shared through the persistent cache)."""
+import functools
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from unclip_jax.config import ConfigError
+from unclip_jax.train import export as export_lib
+from unclip_jax.train import loop
+from unclip_jax.train.cli import embed_main, load_config, train_main
+from unclip_jax.train.loop import NonFiniteLossError, SyntheticSource, train
+
+HERE = os.path.dirname(__file__)
+MICRO = os.path.join(HERE, "fixtures", "micro.py")
+FIXTURE_MODEL = os.path.join(HERE, "fixtures", "micro_model")
+
+
+def _cfg(**overrides):
+    return load_config(MICRO, overrides)
+
+
+def _src(**kw):
+    return SyntheticSource(4, 16, seed=0, embeddings=(8, 16, 8), **kw)
+
+
+def _host(tree):
+    return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
+
+
+def _assert_bitwise(a, b):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """20 prior steps in one go (save_every 5, log_every 5)."""
+    wd = str(tmp_path_factory.mktemp("straight"))
+    res = train("prior", _cfg(), wd, _src(), steps=20, progress=False, console=False)
+    return res, _host(res.state), wd
+
+
+def test_resume_after_sigterm_and_crash_is_bitwise_exact(straight, tmp_path):
+    ref, ref_state, _ = straight
+    assert ref.step == 20 and not ref.preempted
+    wd = str(tmp_path / "run")
+
+    def sigterm_at_7(step, metrics):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # the guard's real handler
+
+    before = signal.getsignal(signal.SIGTERM)
+    part = train("prior", _cfg(), wd, _src(), steps=20, progress=False, console=False,
+                 callbacks=[sigterm_at_7])
+    assert part.preempted and part.step == 7
+    assert signal.getsignal(signal.SIGTERM) == before
+    steps = sorted(int(d) for d in os.listdir(wd) if d.isdigit())
+    assert steps == [5, 7]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_13(step, metrics):  # like kill -9: nothing saved after step 10
+        if step == 13:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        train("prior", _cfg(), wd, _src(), steps=20, progress=False, console=False,
+              callbacks=[crash_at_13])
+    assert max(int(d) for d in os.listdir(wd) if d.isdigit()) == 10  # lost < one interval
+
+    final = train("prior", _cfg(), wd, _src(), steps=20, progress=False, console=False)
+    assert final.step == 20 and not final.preempted
+    _assert_bitwise(_host(final.state), ref_state)
+    _assert_bitwise(_host(final.frozen), _host(ref.frozen))
+
+
+def test_metrics_jsonl(straight):
+    _, _, wd = straight
+    with open(os.path.join(wd, loop.METRICS_FILE)) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    for r in records:
+        for k in loop.METRIC_KEYS:
+            assert k in r and np.isfinite(r[k]), (k, r)
+        assert r["images_per_sec"] > 0 and r["lr"] > 0 and r["skipped"] == 0
+    assert records[-1]["loss"] < records[0]["loss"]  # it learns something
+
+
+def test_nonfinite_loss_is_skipped_logged_and_aborts_after_k(tmp_path):
+    wd = str(tmp_path / "nan")
+    res = train("prior", _cfg(), wd, _src(nan_batches=[2, 3]), steps=6, progress=False,
+                console=False)
+    assert res.step == 6 and int(res.state.skipped) == 2
+    with open(os.path.join(wd, loop.METRICS_FILE)) as f:
+        records = [json.loads(line) for line in f]
+    events = [r for r in records if r.get("event") == "nonfinite_skipped"]
+    assert [(e["step"], e["in_a_row"], e["loss"]) for e in events] == [(3, 1, "nan"),
+                                                                      (4, 2, "nan")]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(_host(res.state.params)))
+    # max_nonfinite = 3 in the micro config
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        train("prior", _cfg(), str(tmp_path / "nan2"), _src(nan_batches=[1, 2, 3]), steps=10,
+              progress=False, console=False)
+
+
+def test_export_loads_and_samples(straight, tmp_path):
+    from unclip_jax.pipelines import model as model_lib
+    from unclip_jax.pipelines.text_to_image import text_to_image
+
+    ref, ref_state, wd = straight
+    with pytest.raises(export_lib.ExportError, match="allow"):
+        export_lib.export_model(_cfg(), {"prior": wd}, str(tmp_path / "refused"))
+    # the other stages come from the committed micro model dir (a model dir works as a source;
+    # allow_random would compile an init of every model)
+    out = export_lib.export_model(
+        _cfg(), {"prior": wd, "clip": FIXTURE_MODEL, "decoder": FIXTURE_MODEL,
+                 "sr": FIXTURE_MODEL}, str(tmp_path / "model"))
+    m = model_lib.load(out)
+    assert not m.random_weights
+    fixture = model_lib.load(FIXTURE_MODEL)
+    _assert_bitwise(_host(m.params["decoder"]), _host(fixture.params["decoder"]))
+    _assert_bitwise(_host(m.params["prior"]["params"]), ref_state.ema_params)
+    _assert_bitwise(_host(m.params["prior"]["buffers"]), _host(ref.frozen["buffers"]))
+    res = text_to_image(m, ["a red heart"], jax.random.PRNGKey(0), prior_steps="1",
+                        decoder_steps="1", stop_after="decoder")
+    assert res["images"].shape == (1, 8, 8, 3)
+    assert np.all(np.isfinite(np.asarray(res["images"])))
+
+
+def test_export_rejects_a_workdir_of_another_model(straight, tmp_path):
+    _, _, wd = straight
+    other = _cfg(**{"prior.width": "32"})
+    with pytest.raises(export_lib.ExportError, match="prior.width"):
+        export_lib.load_stage_params(other, "prior", wd)
+
+
+@functools.lru_cache(maxsize=None)
+def _fixture_expect():
+    with open(os.path.join(FIXTURE_MODEL, "expected.json")) as f:
+        return json.load(f)
+
+
+def test_committed_micro_model_dir_loads():
+    """Pins the model-dir format: a dir written by export_model (make_micro_model.py) must keep
+    loading with the current code, with the same config, shapes and weights."""
+    from unclip_jax.pipelines import model as model_lib
+
+    exp = _fixture_expect()
+    m = model_lib.load(FIXTURE_MODEL)
+    assert m.config.name == "micro"
+    assert m.decoder_size == 8 and m.output_size == 16
+    assert m.clip_config.projection_dim == 8 and m.prior_config.num_text_tokens == 16
+    assert not m.random_weights
+    for stage, want in exp["param_stats"].items():
+        tree = m.params["sr"][0] if stage == "sr0" else m.params[stage]
+        leaves = jax.tree.leaves(tree)
+        assert sum(int(np.prod(x.shape)) for x in leaves) == want["count"], stage
+        np.testing.assert_allclose(sum(float(np.abs(np.asarray(x, np.float64)).sum())
+                                       for x in leaves), want["abs_sum"], rtol=1e-6)
+
+
+def test_embed_cli_writes_a_dataset_the_trainer_reads(tmp_path):
+    out = str(tmp_path / "emb")
+    assert embed_main(["--model", FIXTURE_MODEL, "--data", "synthetic", "--out", out,
+                       "--max-examples", "10", "--batch-size", "4", "--no-progress"]) == 0
+    ds = loop.EmbeddingDataset(out, batch_size=4, seed=0)
+    assert ds.num_examples == 10 and ds.meta["num_examples"] == 10
+    it = iter(ds)
+    b = next(it)
+    ref = _src().batch(0)
+    for k in ("image", "image_emb", "text_emb", "text_states", "text_mask"):
+        assert b[k].shape == ref[k].shape and b[k].dtype == ref[k].dtype, k
+    assert np.all(np.abs(b["image"]) <= 1.0)
+    mean, std = ds.clip_stats()
+    assert mean.shape == (8,) and np.all(std > 0)
+    # checkpointable position: a restored reader continues with the same batches
+    next(it)
+    state = ds.get_state()
+    want = next(it)["image_emb"]
+    ds2 = loop.EmbeddingDataset(out, batch_size=4, seed=0)
+    ds2.set_state(state)
+    np.testing.assert_array_equal(next(iter(ds2))["image_emb"], want)
+    assert state["epoch"] == 0 and ds.get_state()["epoch"] == 1  # 10 // 4 = 2 per epoch
+
+
+def test_train_cli(tmp_path):
+    wd = str(tmp_path / "cli")
+    assert train_main(["prior", "--config", MICRO, "--workdir", wd, "--steps", "3",
+                       "--data", "synthetic", "--no-progress",
+                       "--config.train.prior.log_every=1"]) == 0
+    assert sorted(int(d) for d in os.listdir(wd) if d.isdigit()) == [3]
+    with pytest.raises(ConfigError, match="unknown config key"):
+        train_main(["prior", "--config", MICRO, "--workdir", wd, "--config.train.prior.nope=1"])
+    c = _cfg()
+    c.train.prior.bogus = 1
+    with pytest.raises(ConfigError, match="unknown key"):
+        loop.train_config(c, "prior")
+
+
+def test_override_types():
+    c = _cfg(**{"train.prior.batch_size": "16", "train.prior.learning_rate": "2e-4",
+                "train.sr.blur_sigma": "(0.3, 0.5)", "train.prior.ema_warmup": "true",
+                "dtype": "bfloat16", "train.prior.mesh.data": "-1"})
+    assert c.train.prior.batch_size == 16 and isinstance(c.train.prior.batch_size, int)
+    assert c.train.prior.learning_rate == 2e-4
+    assert tuple(c.train.sr.blur_sigma) == (0.3, 0.5)
+    assert c.train.prior.ema_warmup is True and c.dtype == "bfloat16"
+    assert c.train.prior.mesh.data == -1
+    with pytest.raises(ConfigError, match="integer"):
+        _cfg(**{"train.prior.batch_size": "many"})
+
+
+def test_tfds_reader_feeds_embed_and_clip_training(tmp_path):
+    """The real data pipeline (image-caption folder -> tfds array_record -> grain reader):
+    `unclip embed` makes one pass over it; CLIP trains on it and stores the reader's state."""
+    from PIL import Image
+
+    from unclip_jax.data.image_caption import ImageCaptionConfig, ImageCaptionFolder
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
+               "white": (255, 255, 255), "black": (0, 0, 0), "yellow": (255, 255, 0),
+               "cyan": (0, 255, 255), "magenta": (255, 0, 255)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (20, 20), rgb).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a {name} square\n")
+    data_dir = str(tmp_path / "data")
+    ImageCaptionFolder(folder=str(folder), data_dir=data_dir,
+                       config=ImageCaptionConfig(name="s16", image_size=16)).download_and_prepare()
+    spec = f"tfds:image_caption_folder/s16:train@{data_dir}"
+
+    out = str(tmp_path / "emb")
+    assert embed_main(["--model", FIXTURE_MODEL, "--data", spec, "--out", out,
+                       "--batch-size", "4", "--no-progress"]) == 0
+    ds = loop.EmbeddingDataset(out, batch_size=4)
+    assert ds.num_examples == 8
+    assert sorted(ds.arrays["caption"]) == sorted(f"a {n} square" for n in colours)
+
+    wd = str(tmp_path / "clip")
+    data = loop.open_data(spec, "clip", _cfg(), 4, seed=0)
+    res = train("clip", _cfg(), wd, data, steps=2, progress=False, console=False)
+    assert res.step == 2 and np.isfinite(res.last_metrics["loss"])
+    from unclip_jax.checkpoint import Checkpointer
+
+    ck = Checkpointer(wd)
+    assert ck.latest_step() == 2
+    ck.close()
+    with pytest.raises(ConfigError, match="tfds"):
+        loop.open_data("tfds:no_such_dataset:train@" + data_dir, "clip", _cfg(), 4)
+
+
+def test_sharded_mesh_matches_one_device(tmp_path, devices):
+    """data=2 x fsdp=2 on 4 of the 8 fake devices: sharded init + sharded step give the
+    one-device run's loss (to float tolerance), with params sharded over fsdp."""
+    one = train("prior", _cfg(), str(tmp_path / "one"), _src(), steps=5, progress=False,
+                console=False)
+    res = train("prior", _cfg(**{"train.prior.mesh.data": "2", "train.prior.mesh.fsdp": "2"}),
+                str(tmp_path / "mesh"), _src(), steps=5, progress=False, console=False)
+    mesh = res.state.step.sharding.mesh
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1}
+    specs = [x.sharding.spec for x in jax.tree.leaves(res.state.params)]
+    assert any("fsdp" in str(s) for s in specs)
+    np.testing.assert_allclose(res.last_metrics["loss"], one.last_metrics["loss"], rtol=2e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+                 _host(res.state.params), _host(one.state.params))

@@ -1,0 +1,284 @@
+"""``unclip train`` and ``unclip embed`` (wired into the ``unclip`` command by ``unclip_jax.cli``).
+
+    unclip train STAGE --config experiments/X.py [--config.a.b=VALUE ...] --workdir DIR
+                 [--steps N] [--data SPEC]
+        STAGE: clip | prior | decoder | sr | inpaint | all. Resumes from DIR's latest checkpoint;
+        --steps is the step count to reach (default train.STAGE.total_steps). ``all`` trains
+        clip, embeds the data with it, then prior, decoder, sr (and inpaint when
+        train.inpaint.init_from is 'decoder'), each in DIR/STAGE, and exports DIR/model.
+    unclip embed (--model DIR | --config X.py --clip-workdir DIR) --data SPEC --out DIR
+                 [--max-examples N] [--batch-size N] [--image-size N]
+
+Overrides take their type from the existing config value (``--config.train.prior.batch_size=16``,
+``--config.train.sr.blur_sigma=(0.3,0.5)``, ``--config.dtype=bfloat16``); unknown keys raise
+``ConfigError`` (the ``unclip`` command maps it to exit code 2). Exit codes: 0 done or preempted
+(checkpoint saved), 3 too many non-finite losses in a row.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+EXIT_NONFINITE = 3
+TRAIN_STAGES = ("clip", "prior", "decoder", "sr", "inpaint", "all")
+
+
+def _parse_value(old: Any, text: str, key: str):
+    from unclip_jax.config import ConfigError
+
+    if isinstance(old, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--config.{key}: expected a boolean, got {text!r}")
+    if isinstance(old, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}: expected an integer, got {text!r}") from None
+    if isinstance(old, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}: expected a number, got {text!r}") from None
+    if isinstance(old, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if old is None:
+            return text
+        raise ConfigError(f"--config.{key}: cannot parse {text!r} as a "
+                          f"{type(old).__name__}") from None
+    if isinstance(old, (tuple, list)):
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return type(old)(value)
+    return value
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Separate ``--config.a.b=v`` / ``--config.a.b v`` from the other arguments."""
+    rest, overrides = [], {}
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config."):
+            if "=" in a:
+                k, v = a[len("--config."):].split("=", 1)
+            else:
+                if i + 1 >= len(argv):
+                    from unclip_jax.config import ConfigError
+
+                    raise ConfigError(f"{a} needs a value")
+                k, v = a[len("--config."):], argv[i + 1]
+                i += 1
+            overrides[k] = v
+        else:
+            rest.append(a)
+        i += 1
+    return rest, overrides
+
+
+def load_config(path: str, overrides: dict[str, str]):
+    """``load_config_file`` with string overrides typed from the existing values."""
+    from unclip_jax.config import ConfigError, load_config_file
+
+    config = load_config_file(path)
+    for key, text in overrides.items():
+        node = config
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not hasattr(node, "keys") or p not in node:
+                raise ConfigError(f"unknown config key {key!r} (no section {p!r})")
+            node = node[p]
+        if not hasattr(node, "keys") or parts[-1] not in node:
+            keys = sorted(node.keys()) if hasattr(node, "keys") else []
+            raise ConfigError(f"unknown config key {key!r}; keys here: {keys}")
+        old = node[parts[-1]]
+        if hasattr(old, "keys"):
+            raise ConfigError(f"--config.{key} is a section; set one of its keys "
+                              f"({sorted(old.keys())})")
+        try:
+            node[parts[-1]] = _parse_value(old, text, key)
+        except TypeError as e:  # ConfigDict type checks
+            raise ConfigError(f"--config.{key}={text}: {e}") from None
+    return config
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unclip train", description=__doc__.split("\n\n")[1])
+    p.add_argument("stage", choices=TRAIN_STAGES)
+    p.add_argument("--config", required=True, help="experiments/*.py config file")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl (resumable)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train until this step (default: train.STAGE.total_steps)")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic[:SIZE]', an `unclip embed` output dir, or a dataset spec "
+                        "for unclip_jax.data (default: synthetic)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _run_stage(stage: str, config, workdir: str, data_spec: str, steps: Optional[int],
+               progress: bool):
+    import jax
+
+    from unclip_jax.train.loop import open_data, train, train_config
+
+    tc = train_config(config, stage)
+    local = tc.batch_size // jax.process_count()
+    data = open_data(data_spec, stage, config, local, seed=tc.seed)
+    return train(stage, config, workdir, data, steps=steps, progress=progress)
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``unclip train``; returns the exit code (raises ConfigError for bad config / keys)."""
+    from unclip_jax.parallel.mesh import maybe_initialize_distributed
+    from unclip_jax.train.loop import NonFiniteLossError
+
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = _train_parser().parse_args(rest)
+    config = load_config(args.config, overrides)
+    maybe_initialize_distributed()
+    from unclip_jax.utils.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()
+    progress = not args.no_progress
+    try:
+        if args.stage != "all":
+            res = _run_stage(args.stage, config, args.workdir, args.data, args.steps, progress)
+            _say(f"{args.stage}: step {res.step}" + (" (preempted; checkpoint saved, rerun the "
+                                                     "same command to resume)"
+                                                     if res.preempted else " done")
+                 + f"; metrics in {os.path.join(args.workdir, 'metrics.jsonl')}")
+            return 0
+        return _train_all(config, args, progress)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+
+
+def _train_all(config, args, progress: bool) -> int:
+    from unclip_jax import config as cfg_lib
+    from unclip_jax.train.export import embed_dataset, export_model, load_clip_params
+    from unclip_jax.train.loop import open_data, train_config
+
+    wd = os.path.abspath(args.workdir)
+    dirs = {s: os.path.join(wd, s) for s in ("clip", "prior", "decoder", "sr", "inpaint")}
+    res = _run_stage("clip", config, dirs["clip"], args.data, args.steps, progress)
+    if res.preempted:
+        return 0
+    emb_dir = os.path.join(wd, "embeddings")
+    if not os.path.isfile(os.path.join(emb_dir, "embeddings.json")):
+        ccfg, params, tok = load_clip_params(config, clip_workdir=dirs["clip"])
+        tc = train_config(config, "decoder")
+        src = open_data(args.data, "clip", config, tc.batch_size, seed=tc.seed, one_pass=True)
+        n = getattr(src, "num_examples", None) or 64 * tc.batch_size
+        size = max([cfg_lib.decoder_config(config).image_size]
+                   + [s.image_size for s in cfg_lib.sr_configs(config)])
+        embed_dataset(ccfg, params, iter(src), emb_dir, max_examples=int(n),
+                      store_image_size=size, tokenizer_dir=tok, progress=progress)
+    for stage, data in (("prior", emb_dir), ("decoder", emb_dir), ("sr", emb_dir)):
+        if stage == "sr" and not cfg_lib.sr_configs(config):
+            continue
+        res = _run_stage(stage, config, dirs[stage], data, args.steps, progress)
+        if res.preempted:
+            return 0
+    workdirs = {s: dirs[s] for s in ("clip", "prior", "decoder")}
+    if cfg_lib.sr_configs(config):
+        workdirs["sr"] = dirs["sr"]
+    if config.train.get("inpaint") and config.train.inpaint.get("init_from") == "decoder":
+        config.train.inpaint.init_from = dirs["decoder"]
+        res = _run_stage("inpaint", config, dirs["inpaint"], emb_dir, args.steps, progress)
+        if res.preempted:
+            return 0
+        workdirs["inpaint"] = dirs["inpaint"]
+    out = os.path.join(wd, "model")
+    if not os.path.isfile(os.path.join(out, "unclip.json")):
+        n_sr = len(cfg_lib.sr_configs(config))
+        export_model(config, workdirs, out, allow_random=n_sr > 1)
+    _say(f"all stages trained; model dir: {out}")
+    return 0
+
+
+def _say(msg: str) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _embed_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="unclip embed",
+        description="Precompute CLIP image / text embeddings and caption token states of a "
+                    "dataset once, for prior / decoder training (`unclip train prior --data OUT`).")
+    p.add_argument("--model", default=None, help="model dir whose CLIP to use")
+    p.add_argument("--config", default=None, help="config file (with --clip-workdir)")
+    p.add_argument("--clip-workdir", default=None, help="a `unclip train clip` workdir")
+    p.add_argument("--data", required=True, help="dataset spec (as for `unclip train`)")
+    p.add_argument("--out", required=True, help="output dir (new)")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="examples to embed (default: the dataset's size, if it knows it)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="store images at this size (default: the largest decoder / upsampler "
+                        "size of the config)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def embed_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``unclip embed``; returns the exit code (raises ConfigError / ModelDirError / ExportError
+    for bad input)."""
+    import ml_collections
+
+    from unclip_jax import config as cfg_lib
+    from unclip_jax.config import ConfigError
+    from unclip_jax.train.export import embed_dataset, load_clip_params
+    from unclip_jax.train.loop import open_data
+
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = _embed_parser().parse_args(rest)
+    if bool(args.model) == bool(args.clip_workdir):
+        raise ConfigError("unclip embed: give --model DIR or --clip-workdir DIR (with --config)")
+    if args.clip_workdir and not args.config:
+        raise ConfigError("unclip embed --clip-workdir needs --config (the CLIP run's config)")
+    from unclip_jax.utils.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()
+    if args.config:
+        config = load_config(args.config, overrides)
+    else:
+        from unclip_jax.pipelines.model import read_meta
+
+        config = ml_collections.ConfigDict(read_meta(args.model)["config"])
+        if overrides:
+            raise ConfigError("--config.* overrides need --config")
+    ccfg, params, tok = load_clip_params(config, model=args.model, clip_workdir=args.clip_workdir)
+    src = open_data(args.data, "clip", config, args.batch_size, seed=args.seed, one_pass=True)
+    n = args.max_examples or getattr(src, "num_examples", None)
+    if not n:
+        raise ConfigError(f"--data {args.data}: the dataset does not say how many examples it "
+                          "has; pass --max-examples N")
+    size = args.image_size or max([cfg_lib.decoder_config(config).image_size]
+                                  + [s.image_size for s in cfg_lib.sr_configs(config)])
+    meta = embed_dataset(ccfg, params, iter(src), args.out, max_examples=int(n),
+                         store_image_size=size, tokenizer_dir=tok,
+                         progress=not args.no_progress,
+                         meta={"source": args.data, "clip": args.model or args.clip_workdir})
+    print(f"wrote {meta['num_examples']} examples to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cmd, *rest_argv = sys.argv[1:]
+    sys.exit({"train": train_main, "embed": embed_main}[cmd](rest_argv))
