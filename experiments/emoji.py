@@ -50,4 +50,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.sr = dict(steps=1000, schedule="linear", model_output="eps",
                           model_var_type="fixed_small", sample_steps="7", sampler="ddpm",
                           blur_sigma=(0.4, 0.6))
+
+    # Training (`unclip train STAGE --config experiments/emoji.py --workdir DIR`; resumable, so
+    # several shorter runs add up to one; see experiments/tiny.py for the meaning of each key).
+    def train(**kw):
+        base = dict(batch_size=32, learning_rate=2e-4, warmup_steps=500, total_steps=20_000,
+                    weight_decay=0.0, grad_clip_norm=1.0, accum_steps=1, ema_decay=0.999,
+                    ema_warmup=True, save_every=250, keep_last=2, log_every=25,
+                    max_nonfinite=10, seed=0, mesh=dict(data=-1, fsdp=1, tensor=1))
+        base.update(kw)
+        return base
+
+    c.train = ml_collections.ConfigDict()
+    c.train.clip = train(batch_size=128, learning_rate=5e-4, weight_decay=0.1,
+                         total_steps=4_000)
+    c.train.prior = train(batch_size=256, learning_rate=3e-4, weight_decay=0.01,
+                          total_steps=10_000)
+    c.train.decoder = train(vlb_weight=0.001, total_steps=20_000)
+    c.train.sr = train(crop_size=32, blur_sigma=(0.4, 0.6), blur_kernel=5, total_steps=8_000)
+    c.train.inpaint = train(vlb_weight=0.001, init_from="decoder", total_steps=3_000,
+                            learning_rate=1e-4, mask_min_frac=0.2, mask_max_frac=0.6,
+                            mask_p_keep_all=0.0)
     return c

@@ -57,23 +57,27 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.sr = dict(steps=1000, schedule="linear", model_output="eps",
                           model_var_type="fixed_small", sample_steps="7", sampler="ddpm")
 
-    # Training on a TPU pod slice (see `unclip plan` for memory / FLOPs per device).
+    # Training on a TPU pod slice: `unclip plan` compiles these steps for `tpu.topology` and
+    # reports HBM / FLOPs per chip; launch_tpu.sh runs `unclip train <stage>` on all workers.
+    c.tpu = dict(topology="v5p:4x4x4")      # v5p-128: 64 chips, 95 GiB HBM each
+
+    def train(**kw):
+        base = dict(batch_size=2048, learning_rate=1.2e-4, warmup_steps=10_000,
+                    total_steps=800_000, weight_decay=0.0, grad_clip_norm=1.0, accum_steps=1,
+                    ema_decay=0.9999, ema_warmup=False, save_every=5_000, keep_last=3,
+                    log_every=100, max_nonfinite=10, seed=0, schedule="constant", b1=0.9,
+                    b2=0.999, eps=1e-8, mesh=dict(data=-1, fsdp=8, tensor=1))
+        base.update(kw)
+        return base
+
     c.train = ml_collections.ConfigDict()
-    c.train.topology = "v5p:4x4x4"          # v5p-128: 64 chips, 95 GiB HBM each
-    c.train.mesh = dict(data=-1, fsdp=8, tensor=1)
-    c.train.ema_decay = 0.9999
-    c.train.prior = dict(
-        batch_size=4096, num_steps=600_000, mesh=dict(data=-1, fsdp=4, tensor=1),
-        optimizer=dict(learning_rate=1.1e-4, schedule="constant", warmup_steps=10_000,
-                       total_steps=600_000, b2=0.96, eps=1e-6, weight_decay=6.0e-2))
-    c.train.decoder = dict(
-        batch_size=2048, num_steps=800_000, mesh=dict(data=-1, fsdp=8, tensor=1),
-        optimizer=dict(learning_rate=1.2e-4, schedule="constant", warmup_steps=10_000,
-                       total_steps=800_000, b2=0.999, eps=1e-8, weight_decay=0.0))
-    # Upsamplers train on quarter-size random crops (64x64 of the 256x256 target).
-    sr = dict(batch_size=1024, num_steps=1_000_000, train_size=64,
-              mesh=dict(data=-1, fsdp=4, tensor=1),
-              optimizer=dict(learning_rate=1.2e-4, schedule="constant", warmup_steps=10_000,
-                             total_steps=1_000_000, b2=0.999, eps=1e-8, weight_decay=0.0))
-    c.train.sr = [dict(sr), dict(sr)]
+    c.train.prior = train(batch_size=4096, learning_rate=1.1e-4, total_steps=600_000, b2=0.96,
+                          eps=1e-6, weight_decay=6.0e-2, mesh=dict(data=-1, fsdp=4, tensor=1))
+    c.train.decoder = train(vlb_weight=0.001)
+    # Both upsamplers (index 0 = super_res_first, 1 = super_res_last: --set train.sr.index=1)
+    # train on quarter-size random crops (64x64 of the 256x256 target) with a blurred low-res.
+    c.train.sr = train(batch_size=1024, total_steps=1_000_000, index=0, crop_size=64,
+                       blur_sigma=(0.4, 0.6), blur_kernel=3, mesh=dict(data=-1, fsdp=4, tensor=1))
+    c.train.inpaint = train(vlb_weight=0.001, total_steps=100_000, init_from="",
+                            mask_min_frac=0.25, mask_max_frac=0.75, mask_p_keep_all=0.0)
     return c

@@ -304,3 +304,19 @@ def test_karlo_errors_name_the_keys(karlo):
 
     assert convert_main(["karlo", str(karlo["root"] / "nowhere"),
                          str(karlo["root"] / "x")]) == 1
+
+
+def test_convert_hf_clip_and_openai_clip_cli(karlo):
+    from unclip_jax.convert.cli import convert_main, load_clip_dir
+
+    root = karlo["root"]
+    assert convert_main(["hf-clip", str(root / "clip"), str(root / "clip_dir")]) == 0
+    params, cfg, tok = load_clip_dir(str(root / "clip_dir"))
+    assert os.path.isfile(os.path.join(tok, "vocab.json"))
+    assert cfg == karlo["model"].clip_config
+    a, b = flatten(params), flatten(karlo["model"].params["clip"])
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg="/".join(k))
+    assert float(params["logit_scale"]) == 2.0
+    assert convert_main(["openai-clip", str(root / "missing.pt"), str(root / "o")]) == 1

@@ -154,6 +154,7 @@ def test_plan_main_usage_error(capsys):
 @pytest.mark.parametrize("path", [KARLO, PAPER])
 def test_big_configs_build(path):
     from unclip_jax import config as cfg
+    from unclip_jax.train.loop import train_config
 
     c = cfg.load_config_file(path)
     assert c.dtype == "bfloat16"
@@ -163,8 +164,12 @@ def test_big_configs_build(path):
     srs = cfg.sr_configs(c)
     assert dec.image_size == 64 and len(srs) == 2 and srs[0].image_size == 256
     assert set(c.diffusion.keys()) == {"prior", "decoder", "sr"}
-    assert c.train.decoder.batch_size > 0 and len(c.train.sr) == 2
-    plan_lib.resolve_mesh(c.train.mesh, parse_topology(c.train.topology).num_chips)
+    n = parse_topology(c.tpu.topology).num_chips
+    for stage in ("prior", "decoder", "sr", "inpaint"):
+        tc = train_config(c, stage)  # the trainer accepts the section
+        assert tc.batch_size > 0 and tc.ema_decay == 0.9999
+        sizes = plan_lib.resolve_mesh(tc.mesh, n)  # and its mesh fits tpu.topology
+        assert tc.batch_size % (sizes["data"] * sizes["fsdp"]) == 0
 
 
 # ---------------------------------------------------------------------------- launch_tpu.sh

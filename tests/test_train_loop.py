@@ -203,6 +203,10 @@ def test_train_cli(tmp_path):
     assert sorted(int(d) for d in os.listdir(wd) if d.isdigit()) == [3]
     with pytest.raises(ConfigError, match="unknown config key"):
         train_main(["prior", "--config", MICRO, "--workdir", wd, "--config.train.prior.nope=1"])
+    # resuming with another schedule / model is refused, naming the key
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        train_main(["prior", "--config", MICRO, "--workdir", wd, "--steps", "4",
+                    "--config.train.prior.learning_rate=0.5", "--no-progress"])
     c = _cfg()
     c.train.prior.bogus = 1
     with pytest.raises(ConfigError, match="unknown key"):
@@ -274,5 +278,25 @@ def test_sharded_mesh_matches_one_device(tmp_path, devices):
     specs = [x.sharding.spec for x in jax.tree.leaves(res.state.params)]
     assert any("fsdp" in str(s) for s in specs)
     np.testing.assert_allclose(res.last_metrics["loss"], one.last_metrics["loss"], rtol=2e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+    # Adam normalises each update, so near-zero gradients whose sign depends on the reduction
+    # order move a param by up to ~lr per step either way: compare to a few lr
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=3e-3),
                  _host(res.state.params), _host(one.state.params))
+
+
+def test_inpaint_starts_from_decoder_params(tmp_path):
+    """train.inpaint.init_from (a model dir here; a decoder workdir works too): the fresh
+    inpainting state is the decoder's params with zero-initialised extra input channels."""
+    from unclip_jax.pipelines import model as model_lib
+
+    cfg = _cfg(**{"train.inpaint.init_from": FIXTURE_MODEL})
+    res = train("inpaint", cfg, str(tmp_path / "inp"), _src(), steps=0, progress=False,
+                console=False)
+    dec = _host(model_lib.load(FIXTURE_MODEL).params["decoder"])
+    params, ema = _host(res.state.params), _host(res.state.ema_params)
+    _assert_bitwise(params, ema)
+    k = params["conv_in"]["kernel"]
+    np.testing.assert_array_equal(k[:, :, :3], dec["conv_in"]["kernel"])
+    assert not np.any(k[:, :, 3:])
+    _assert_bitwise({n: v for n, v in params.items() if n != "conv_in"},
+                    {n: v for n, v in dec.items() if n != "conv_in"})

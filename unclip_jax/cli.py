@@ -587,10 +587,54 @@ def build_parser() -> argparse.ArgumentParser:
     add_steps(p, prior=False)
     add_common(p, "probe.png")
     p.set_defaults(func=cmd_probe)
+    for name, (_, _, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # parsed by its own module
     return parser
 
 
+# Subcommands with their own argument parsers: `unclip NAME ...` -> module:function(argv).
+DELEGATED = {
+    "train": ("unclip_jax.train.cli", "train_main",
+              "train a stage: unclip train STAGE --config experiments/X.py --workdir DIR"),
+    "embed": ("unclip_jax.train.cli", "embed_main",
+              "precompute CLIP embeddings of a dataset for prior / decoder training"),
+    "convert": ("unclip_jax.convert.cli", "convert_main",
+                "convert diffusers / Karlo unCLIP or HF / OpenAI CLIP weights to a model dir"),
+    "plan": ("unclip_jax.parallel.plan", "plan_main",
+             "compile a sharded train step for a TPU topology and report memory / FLOPs"),
+    "studio": ("unclip_jax.studio", "studio_main",
+               "the editing studio in the browser (needs the [studio] extra)"),
+}
+
+
+def run_delegated(name: str, argv: Sequence[str]) -> int:
+    """Run a delegated subcommand; user errors -> one line + exit 2."""
+    import importlib
+
+    from unclip_jax.utils.compile_cache import enable_compilation_cache
+
+    module, func, _ = DELEGATED[name]
+    enable_compilation_cache()
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except ImportError as e:
+        print(f"unclip {name}: error: {e}. Install the extra it needs "
+              f"(e.g. pip install -e \".[studio]\" for the studio)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(fn(list(argv)) or 0)
+    except _user_errors() as e:
+        print(f"unclip {name}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return run_delegated(argv[0], argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -92,6 +92,22 @@ def sr_configs(config) -> list[UNetConfig]:
             for i, s in enumerate(config.get("sr", ()) or ())]
 
 
+def tokenizer_dir(config) -> str:
+    """The tokenizer files of a config: ``config.tokenizer`` is absent / '' (OpenAI CLIP's BPE,
+    shipped), the name of a folder in ``unclip_jax/assets`` (e.g. 'emoji_tokenizer') or a
+    path."""
+    from unclip_jax.models.tokenizer import DEFAULT_TOKENIZER_DIR
+
+    name = config.get("tokenizer", "") or ""
+    if not name:
+        return DEFAULT_TOKENIZER_DIR
+    assets = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", name)
+    for path in (assets, name):
+        if os.path.isfile(os.path.join(path, "vocab.json")):
+            return os.path.abspath(path)
+    raise ConfigError(f"config.tokenizer = {name!r}: no vocab.json in {assets} or {name}")
+
+
 def to_json(config) -> str:
     return json.dumps(_plain(config), indent=2, sort_keys=True)
 

@@ -1,4 +1,4 @@
-"""``unclip convert {diffusers,karlo,hf-clip,openai-clip} ...``: ``convert_main(argv) -> exit code``.
+"""``unclip convert {diffusers,karlo,hf-clip,openai-clip} ...``: ``convert_main(argv)`` -> status.
 
   unclip convert diffusers DIR OUT [--image-encoder DIR | --clip PATH] [--prior-steps N ...]
       a saved diffusers UnCLIPPipeline -> a model dir usable by every subcommand (image-input

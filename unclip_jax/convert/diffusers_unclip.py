@@ -5,7 +5,7 @@ Components (sub-folders of a saved pipeline) and where they go:
   prior/            ``PriorTransformer``            -> ``params['prior']`` ({'params','buffers'})
   text_proj/        ``UnCLIPTextProjModel``         -> decoder ``clip_cond/*``, ``caption/*``
   decoder/          ``UNet2DConditionModel``        -> ``params['decoder']``
-  super_res_first/  ``UNet2DModel``                 -> ``params['sr'][0]`` (all SR steps but the last)
+  super_res_first/  ``UNet2DModel``                 -> ``params['sr'][0]`` (SR steps but the last)
   super_res_last/   ``UNet2DModel``                 -> ``params['sr_last']['0']`` (the last SR step)
   text_encoder/     ``CLIPTextModelWithProjection`` -> ``params['clip']`` (text tower)
   image_encoder/    ``CLIPVisionModelWithProjection`` (``UnCLIPImageVariationPipeline``) or
@@ -21,7 +21,8 @@ keys, shape mismatches and non-float tensors raise ``CheckpointMismatchError`` n
 fp16 / bf16 tensors are upcast to float32 (reported in ``ConversionReport.notes``).
 
 Layout notes (see ``models/unet.py`` / ``models/conditioning.py`` / ``models/prior.py``):
-  * torch conv ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]``; linear ``[out, in]`` -> ``[in, out]``;
+  * torch conv ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]``; linear ``[out, in]`` ->
+    ``[in, out]``;
   * the UNet attention ``to_q/to_k/to_v`` are re-interleaved per head into our ``qkv`` (units
     ``(heads, 3, head_dim)``) and ``add_k_proj/add_v_proj`` into ``encoder_kv``
     (``(heads, 2, head_dim)``);
@@ -41,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
@@ -239,7 +239,9 @@ def unet_blocks(cfg) -> list[tuple[str, str, tuple]]:
 def _diffusers_block_name(kind: str, pos: tuple) -> str:
     section, level, j = pos[:3]
     if section == "mid":
-        return f"mid_block.{'attentions' if kind == 'attn' else 'resnets'}.{j if kind != 'attn' else 0}"
+        if kind == "attn":
+            return "mid_block.attentions.0"
+        return f"mid_block.resnets.{j}"
     block = f"{section}_blocks.{level}"
     if kind == "res":
         return f"{block}.resnets.{j}"
@@ -295,7 +297,8 @@ def _heads_at(cfg, name: str) -> int:
     return ch // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
 
 
-def convert_diffusers_unet(state_dict: Mapping[str, Any], cfg, *, text_proj: Optional[Mapping] = None,
+def convert_diffusers_unet(state_dict: Mapping[str, Any], cfg, *,
+                           text_proj: Optional[Mapping] = None,
                            what: str = "diffusers UNet",
                            report: Optional[ConversionReport] = None) -> dict:
     """diffusers ``UNet2DConditionModel`` (+ ``UnCLIPTextProjModel`` state dict) or
@@ -324,7 +327,8 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], cfg, *, text_proj: Opt
             m.problems.append("a CLIP-conditioned decoder needs the text_proj state dict")
         else:
             t = "text_proj."
-            m.linear(("clip_cond", "to_time"), t + "clip_image_embeddings_project_to_time_embeddings")
+            m.linear(("clip_cond", "to_time"),
+                     t + "clip_image_embeddings_project_to_time_embeddings")
             w = m.get(t + "clip_extra_context_tokens_proj.weight")
             b = m.get(t + "clip_extra_context_tokens_proj.bias")
             if w is not None and b is not None:
@@ -333,8 +337,8 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], cfg, *, text_proj: Opt
                       t + "clip_extra_context_tokens_proj.weight")
                 m.put(("clip_cond", "to_tokens", "dense", "bias"), b,
                       t + "clip_extra_context_tokens_proj.bias")
-            m.put(("clip_cond", "null_emb"), m.get(t + "learned_classifier_free_guidance_embeddings"),
-                  t + "learned_classifier_free_guidance_embeddings")
+            null = t + "learned_classifier_free_guidance_embeddings"
+            m.put(("clip_cond", "null_emb"), m.get(null), null)
             m.linear(("caption", "states_proj"), t + "encoder_hidden_states_proj")
             m.norm(("caption", "states_norm"), t + "text_encoder_hidden_states_norm", ("ln",))
             m.linear(("caption", "to_time"), t + "embedding_proj")
@@ -397,7 +401,8 @@ def prior_from_sd(state_dict: Mapping[str, Any], cfg, names: Mapping[str, str], 
                     m.put(dst + ("attn", ours, "kernel"),
                           wq.reshape(h, dh, -1).transpose(2, 0, 1), f"{p}attn1.{theirs}.weight")
                 if bq is not None:
-                    m.put(dst + ("attn", ours, "bias"), bq.reshape(h, dh), f"{p}attn1.{theirs}.bias")
+                    m.put(dst + ("attn", ours, "bias"), bq.reshape(h, dh),
+                          f"{p}attn1.{theirs}.bias")
         wo, bo = m.get(p + names["attn_out"] + ".weight"), m.get(p + names["attn_out"] + ".bias")
         if wo is not None:
             m.put(dst + ("attn", "out", "kernel"), wo.T.reshape(h, dh, -1), p + names["attn_out"])
@@ -530,7 +535,8 @@ def sr_config_from_diffusers(c: Mapping, **kw):
     types = set(c["down_block_types"]) | set(c["up_block_types"])
     ok = {"ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"}
     if types - ok:
-        raise UnsupportedConfigError(f"super-res block types {sorted(types)}: supported {sorted(ok)}")
+        raise UnsupportedConfigError(f"super-res block types {sorted(types)}: "
+                                     f"supported {sorted(ok)}")
     inn, out = int(c["in_channels"]), int(c["out_channels"])
     if inn != 2 * out:
         raise UnsupportedConfigError(f"super-res in_channels {inn} != 2 * out_channels {out}")
@@ -614,10 +620,10 @@ def clip_from_components(text_dir: str, image_dir: Optional[str] = None,
     ``clip_path`` (a HF CLIPModel dir or an OpenAI CLIP file). Returns (params, config,
     has_vision)."""
     from unclip_jax.convert.hf_clip import convert_hf_state_dict, load_hf_config, load_hf_state_dict
-    from unclip_jax.models.clip import CLIPConfig
 
     tcfg = load_hf_config(text_dir)
-    params = convert_hf_state_dict(load_hf_state_dict(text_dir), tcfg, parts={"text", "text_projection"})
+    params = convert_hf_state_dict(load_hf_state_dict(text_dir), tcfg,
+                                   parts={"text", "text_projection"})
     cfg = tcfg
     vparams = None
     if image_dir is not None:
@@ -628,16 +634,16 @@ def clip_from_components(text_dir: str, image_dir: Optional[str] = None,
         if os.path.isdir(clip_path):
             vcfg = load_hf_config(clip_path)
             sd = load_hf_state_dict(clip_path)
-            sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection"))}
-        else:
-            from unclip_jax.convert.openai_clip import (infer_openai_config, openai_to_hf_state_dict,
-                                                        read_openai_checkpoint)
-
-            raw = read_openai_checkpoint(clip_path)
-            vcfg = infer_openai_config(raw)
-            sd = {k: v for k, v in openai_to_hf_state_dict(raw).items()
+            sd = {k: v for k, v in sd.items()
                   if k.startswith(("vision_model.", "visual_projection"))}
-        vparams = convert_hf_state_dict(sd, vcfg, parts={"vision", "visual_projection"})
+        else:
+            from unclip_jax.convert.openai_clip import load_openai_clip
+
+            full, vcfg = load_openai_clip(clip_path)
+            vparams = {k: full[k] for k in ("vision_model", "visual_projection", "logit_scale")
+                       if k in full}
+        if vparams is None:
+            vparams = convert_hf_state_dict(sd, vcfg, parts={"vision", "visual_projection"})
     if vparams is not None:
         if vcfg.projection_dim != tcfg.projection_dim:
             raise CheckpointMismatchError(
@@ -645,8 +651,8 @@ def clip_from_components(text_dir: str, image_dir: Optional[str] = None,
                 f"{tcfg.projection_dim}: they are not the same CLIP")
         cfg = dataclasses.replace(tcfg, vision_config=vcfg.vision_config)
         params = {**params, **vparams}
-        scale = None
-        if clip_path is not None and os.path.isdir(clip_path):
+        scale = vparams.pop("logit_scale", None)
+        if scale is None and clip_path is not None and os.path.isdir(clip_path):
             scale = load_hf_state_dict(clip_path).get("logit_scale")
         if scale is None:
             # separate towers carry no logit scale; use CLIP's initial value ln(1 / 0.07)

@@ -2,7 +2,7 @@
 
 Inputs (the names of the Karlo release; all in one folder by default):
 
-  prior-ckpt-step=01000000-of-01000000.ckpt     ``{'state_dict': {'model.*': ...}}`` PriorTransformer
+  prior-ckpt-step=01000000-of-01000000.ckpt     ``{'state_dict': {'model.*': ...}}`` (prior)
   decoder-ckpt-step=01000000-of-01000000.ckpt   ``{'state_dict': {'model.*': ...}}`` PLMImUNet
   improved-sr-ckpt-step=1.2M.ckpt               ``{'state_dict': {'model_first_steps.*',
                                                  'model_last_step.*'}}`` two SuperResUNetModels

@@ -261,6 +261,12 @@ def resolve_mesh(mesh: Optional[Mapping[str, int]], num_devices: int) -> dict:
     return {"data": d, "fsdp": f, "tensor": t}
 
 
+def _unbox(tree):
+    from unclip_jax.parallel.mesh import unbox
+
+    return unbox(tree)
+
+
 def _abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
     from unclip_jax.parallel.mesh import MESH_AXES
 
@@ -268,23 +274,38 @@ def _abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
 
 
 # --------------------------------------------------------------------------------------------
-# Stage specs: model, init, loss, batch, sample step
+# Stage specs: the trainer's stage (init, loss, optimizer, EMA) + batch shapes + sample step
 # --------------------------------------------------------------------------------------------
+
+PLAN_STAGES = ("prior", "decoder", "sr", "inpaint")
 
 
 @dataclasses.dataclass
 class StageSpec:
-    """What ``plan`` needs of one stage (all abstract / traceable)."""
+    """What ``plan`` needs of one stage (all abstract / traceable).
+
+    The train part is exactly what ``unclip train`` runs: ``train.losses.build_stage`` (init of
+    the trainable params, the stage's loss on its frozen variables) and
+    ``train.loop.train_config`` (optimizer, EMA, batch size, mesh) of ``config.train.<stage>``.
+    """
 
     stage: str
     model_config: Any
     init_params: Callable  # rng -> boxed params
     loss_fn: Callable  # (params, batch, rng) -> (loss, aux)
-    batch: dict  # name -> ShapeDtypeStruct (global shapes)
+    batch: dict  # name -> ShapeDtypeStruct (global shapes, as the data pipeline delivers)
+    train: Any  # train.loop.TrainConfig
     sample_fn: Optional[Callable]  # (params, inputs, key) -> x_prev
     sample_inputs: Optional[dict]  # name -> ShapeDtypeStruct
     sample_steps: int
     note: str = ""
+    _abstract: Any = None
+
+    def abstract_params(self):
+        """``jax.eval_shape`` of the init (boxed); traced once (big UNets take a while)."""
+        if self._abstract is None:
+            self._abstract = jax.eval_shape(self.init_params, jax.random.PRNGKey(0))
+        return self._abstract
 
 
 def _section(config, *path, default=None):
@@ -294,15 +315,15 @@ def _section(config, *path, default=None):
             return default
         try:
             node = node[p] if not isinstance(node, (list, tuple)) else node[int(p)]
-        except (KeyError, IndexError, TypeError, AttributeError):
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
             return default
     return node
 
 
 def _plain(x):
-    if hasattr(x, "to_dict"):
-        return x.to_dict()
-    return x
+    from unclip_jax.config import _plain as plain
+
+    return plain(x)
 
 
 def _diffusion(dcfg: Mapping, respacing=""):
@@ -322,67 +343,54 @@ def _num_sample_steps(dcfg: Mapping) -> int:
 
 
 def _sds(shape, dtype):
-    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+    return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), dtype)
 
 
-def _unet_stage(stage: str, ucfg, dcfg: Mapping, batch_size: int, sample_batch: int,
-                train_size: Optional[int]) -> StageSpec:
-    from unclip_jax.diffusion import classifier_free_guidance, ddpm_step, training_losses
-    from unclip_jax.models.unet import UNet, dummy_inputs, init_unet
+def train_batch_shapes(config, stage: str, batch_size: int, sr_index: int = 0) -> dict:
+    """Global shapes of one train batch of ``stage`` as the data pipeline delivers it (see
+    ``train/losses.py``): embeddings from ``unclip embed`` for the prior; images at the decoder
+    size + embeddings (or caption token ids) for the decoder; images at the upsampler's output
+    size for ``sr`` (the loss crops and degrades them in-graph)."""
+    from unclip_jax import config as cfgmod
+    from unclip_jax.train import losses
+
+    b, f32 = batch_size, jnp.float32
+    if stage == "prior":
+        p = cfgmod.prior_config(config)
+        return {"image_emb": _sds((b, p.clip_dim), f32), "text_emb": _sds((b, p.clip_dim), f32),
+                "text_states": _sds((b, p.num_text_tokens, p.states_dim), f32),
+                "text_mask": _sds((b, p.num_text_tokens), jnp.bool_)}
+    if stage in ("decoder", "inpaint"):
+        u = cfgmod.decoder_config(config)
+        out = {"image": _sds((b, u.image_size, u.image_size, u.in_channels), f32)}
+        if u.clip_dim:
+            out["image_emb"] = _sds((b, u.clip_dim), f32)
+        if u.text_encoder == "clip":
+            out["text_emb"] = _sds((b, u.text_emb_dim), f32)
+            out["text_states"] = _sds((b, u.text_ctx, u.text_states_dim), f32)
+            out["text_mask"] = _sds((b, u.text_ctx), jnp.bool_)
+        elif u.text_encoder == "transformer":
+            out["input_ids"] = _sds((b, u.text_ctx), jnp.int32)
+            out["text_mask"] = _sds((b, u.text_ctx), jnp.bool_)
+        return out
+    if stage == "sr":
+        s = losses.sr_settings(config, sr_index)
+        return {"image": _sds((b, s["high"], s["high"], s["config"].in_channels), f32)}
+    raise ValueError(f"unknown stage {stage!r}; choose one of {PLAN_STAGES}")
+
+
+def _unet_sampler(ucfg, dcfg: Mapping, sample_batch: int):
+    """One ancestral (DDPM) step of the UNet at its output size; classifier-free guidance (one
+    forward over ``[cond; uncond]``) when it is conditioned, as the samplers run it."""
+    from unclip_jax.diffusion import classifier_free_guidance, ddpm_step
+    from unclip_jax.models.unet import UNet, dummy_inputs
 
     model = UNet(ucfg)
-    diffusion = _diffusion(dcfg)
-    sample_diffusion = _diffusion(dcfg, dcfg.get("sample_steps", "") or "")
-    p_clip = float(dcfg.get("cfg_drop_clip", 0.0))
-    p_text = float(dcfg.get("cfg_drop_text", 0.0))
-    n = train_size or ucfg.image_size
-    if ucfg.low_res_cond and n % 4:
-        raise ValueError(f"upsampler train size {n} must be divisible by 4")
-
-    def shapes(b, size):
-        kw = jax.eval_shape(lambda: dummy_inputs(ucfg, b))
-        out = {}
-        for k, v in kw.items():
-            shape = list(v.shape)
-            if k in ("x", "inpaint_image", "inpaint_mask"):
-                shape[1] = shape[2] = size
-            elif k == "low_res":
-                shape[1] = shape[2] = size // 4
-            out[k] = _sds(shape, v.dtype)
-        return out
-
-    batch = shapes(batch_size, n)
-    batch.pop("t")
-    cond_keys = [k for k in batch if k != "x"]
-
-    def init_params(rng):
-        return init_unet(ucfg, rng)["params"]
-
-    def loss_fn(params, b, rng):
-        k_t, k_noise, k_clip, k_text, k_drop = jax.random.split(rng, 5)
-        x = b["x"]
-        bsz = x.shape[0]
-        t = jax.random.randint(k_t, (bsz,), 0, diffusion.num_timesteps)
-        noise = jax.random.normal(k_noise, x.shape, x.dtype)
-        kw = {k: b[k] for k in cond_keys}
-        if ucfg.clip_dim:
-            kw["drop_clip"] = jax.random.bernoulli(k_clip, p_clip, (bsz,))
-        if ucfg.text_encoder != "none":
-            kw["drop_text"] = jax.random.bernoulli(k_text, p_text, (bsz,))
-
-        def model_fn(x_t, ts, **kwargs):
-            return model.apply({"params": params}, x_t, ts, train=True,
-                               rngs={"dropout": k_drop}, **kwargs)
-
-        terms = training_losses(diffusion, model_fn, x, t, noise, kw)
-        return jnp.mean(terms["loss"]), {"mse": jnp.mean(terms["mse"])}
-
-    # Sampling: one ancestral step at the output resolution; classifier-free guidance (one
-    # forward over [cond; uncond]) when the stage is conditioned, as the samplers run it.
+    diffusion = _diffusion(dcfg, dcfg.get("sample_steps", "") or "")
     guided = bool(ucfg.clip_dim or ucfg.text_encoder != "none")
-    sample_inputs = shapes(sample_batch, ucfg.image_size)
-    sample_inputs.pop("t")
     scale = float(dcfg.get("guidance", 1.0) or 1.0)
+    inputs = dict(jax.eval_shape(lambda: dummy_inputs(ucfg, sample_batch)))
+    inputs.pop("t")
 
     def sample_fn(params, inp, key):
         x_t = inp["x"]
@@ -401,129 +409,122 @@ def _unet_stage(stage: str, ucfg, dcfg: Mapping, batch_size: int, sample_batch: 
             if ucfg.text_encoder != "none":
                 kw["drop_text"] = drop
             fn = classifier_free_guidance(model_fn, scale,
-                                          learned_variance=sample_diffusion.learned_variance)
-        t = jnp.full((bsz,), sample_diffusion.num_timesteps - 1, jnp.int32)
-        x_prev, _ = ddpm_step(sample_diffusion, fn, x_t, t, key, kw)
+                                          learned_variance=diffusion.learned_variance)
+        t = jnp.full((bsz,), diffusion.num_timesteps - 1, jnp.int32)
+        x_prev, _ = ddpm_step(diffusion, fn, x_t, t, key, kw)
         return x_prev
 
-    note = f"train {n}x{n}" + (f" crops of {ucfg.image_size}x{ucfg.image_size}"
-                               if n != ucfg.image_size else "")
-    return StageSpec(stage, ucfg, init_params, loss_fn, batch, sample_fn, sample_inputs,
-                     _num_sample_steps(dcfg), note)
+    return sample_fn, inputs
 
 
-def _prior_stage(pcfg, dcfg: Mapping, batch_size: int, sample_batch: int) -> StageSpec:
-    from unclip_jax.diffusion import classifier_free_guidance, ddpm_step, training_losses
-    from unclip_jax.models.prior import DiffusionPrior, init_prior
+def _prior_sampler(pcfg, dcfg: Mapping, sample_batch: int, buffers):
+    """One guided ancestral step of the prior for ``sample_batch * num_candidates`` rows."""
+    from unclip_jax.diffusion import classifier_free_guidance, ddpm_step
+    from unclip_jax.models.prior import DiffusionPrior
 
     model = DiffusionPrior(pcfg)
-    diffusion = _diffusion(dcfg)
-    sample_diffusion = _diffusion(dcfg, dcfg.get("sample_steps", "") or "")
-    p_text = float(dcfg.get("cfg_drop_text", 0.0))
-    d, tl, ds = pcfg.clip_dim, pcfg.num_text_tokens, pcfg.states_dim
-    abstract_vars = jax.eval_shape(lambda k: init_prior(pcfg, k), jax.random.key(0))
-    buffer_shapes = nn_unbox(abstract_vars.get("buffers", {}))
-
-    def buffers():
-        # Tiny constants (normalisation stats, empty-caption encoding); ones keep them finite.
-        return jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), buffer_shapes)
-
-    def cond(b):
-        return {"image_emb": _sds((b, d), jnp.float32), "text_emb": _sds((b, d), jnp.float32),
-                "text_states": _sds((b, tl, ds), jnp.float32),
-                "text_mask": _sds((b, tl), jnp.bool_)}
-
-    def init_params(rng):
-        return init_prior(pcfg, rng)["params"]
-
-    def loss_fn(params, b, rng):
-        k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 4)
-        x = b["image_emb"]
-        bsz = x.shape[0]
-        t = jax.random.randint(k_t, (bsz,), 0, diffusion.num_timesteps)
-        noise = jax.random.normal(k_noise, x.shape, x.dtype)
-        drop = jax.random.bernoulli(k_drop, p_text, (bsz,))
-        variables = {"params": params, "buffers": buffers()}
-
-        def model_fn(x_t, ts):
-            return model.apply(variables, x_t, ts, b["text_emb"], b["text_states"],
-                               b["text_mask"], drop, deterministic=False,
-                               rngs={"dropout": k_dropout})
-
-        terms = training_losses(diffusion, model_fn, x, t, noise, loss_type="mse")
-        return jnp.mean(terms["loss"]), {"mse": jnp.mean(terms["mse"])}
-
-    k = int(dcfg.get("num_candidates", 1) or 1)
-    sample_inputs = cond(sample_batch * k)
-    sample_inputs["x"] = sample_inputs.pop("image_emb")
+    diffusion = _diffusion(dcfg, dcfg.get("sample_steps", "") or "")
     scale = float(dcfg.get("guidance", 1.0) or 1.0)
+    b = sample_batch * int(dcfg.get("num_candidates", 1) or 1)
+    d, tl, ds = pcfg.clip_dim, pcfg.num_text_tokens, pcfg.states_dim
+    inputs = {"x": _sds((b, d), jnp.float32), "text_emb": _sds((b, d), jnp.float32),
+              "text_states": _sds((b, tl, ds), jnp.float32),
+              "text_mask": _sds((b, tl), jnp.bool_)}
 
     def sample_fn(params, inp, key):
         x_t = inp["x"]
         bsz = x_t.shape[0]
-        variables = {"params": params, "buffers": buffers()}
+        variables = {"params": params, "buffers": buffers}
 
         def model_fn(x, ts, text_emb, text_states, text_mask, drop):
             return model.apply(variables, x, ts, text_emb, text_states, text_mask, drop)
 
-        kw = {k2: jnp.concatenate([inp[k2]] * 2, axis=0)
-              for k2 in ("text_emb", "text_states", "text_mask")}
+        kw = {k: jnp.concatenate([inp[k]] * 2, axis=0)
+              for k in ("text_emb", "text_states", "text_mask")}
         kw["drop"] = jnp.concatenate([jnp.zeros((bsz,), bool), jnp.ones((bsz,), bool)])
         fn = classifier_free_guidance(model_fn, scale)
-        t = jnp.full((bsz,), sample_diffusion.num_timesteps - 1, jnp.int32)
-        x_prev, _ = ddpm_step(sample_diffusion, fn, x_t, t, key, kw, clip_denoised=False)
+        t = jnp.full((bsz,), diffusion.num_timesteps - 1, jnp.int32)
+        x_prev, _ = ddpm_step(diffusion, fn, x_t, t, key, kw, clip_denoised=False)
         return x_prev
 
-    note = f"{k} candidates per sample" if k > 1 else ""
-    return StageSpec("prior", pcfg, init_params, loss_fn, cond(batch_size), sample_fn,
-                     sample_inputs, _num_sample_steps(dcfg), note)
+    return sample_fn, inputs
 
 
-def nn_unbox(tree):
-    from unclip_jax.parallel.mesh import unbox
+def _copy_config(config):
+    import ml_collections
 
-    return unbox(tree)
+    return ml_collections.ConfigDict(_plain(config))
 
 
-def stage_spec(config, stage: str, *, batch_size: int, sample_batch: Optional[int] = None,
-               sr_index: int = 0, dtype: Optional[str] = None,
-               train_size: Optional[int] = None, remat: Optional[bool] = None) -> StageSpec:
-    """The ``StageSpec`` of ``stage`` ('decoder' | 'prior' | 'sr') of an unCLIP config
-    (``ConfigDict`` as in ``experiments/*.py``). ``dtype`` overrides ``config.dtype``;
-    ``train_size`` the training image size (upsamplers train on random crops); ``remat`` the
-    UNet's ``remat`` flag."""
+def _stage_train_config(config, stage: str):
+    from unclip_jax.train import loop
+
+    if _section(config, "train", stage) is None:
+        return loop.TrainConfig(stage=stage)
+    return loop.train_config(config, stage)
+
+
+def stage_spec(config, stage: str, *, batch_size: Optional[int] = None,
+               sample_batch: Optional[int] = None, sr_index: int = 0,
+               dtype: Optional[str] = None, train_size: Optional[int] = None,
+               remat: Optional[bool] = None) -> StageSpec:
+    """The ``StageSpec`` of ``stage`` ('prior' | 'decoder' | 'sr' | 'inpaint') of an unCLIP
+    config (``ConfigDict`` as in ``experiments/*.py``; not modified).
+
+    ``batch_size`` default: ``train.<stage>.batch_size``; ``sample_batch`` default: the train
+    batch. ``dtype`` overrides ``config.dtype``; ``train_size`` the upsampler's training crop
+    (``train.sr.crop_size``); ``remat`` the UNet's ``remat`` flag.
+    """
     from unclip_jax import config as cfgmod
+    from unclip_jax.train import losses
 
+    if stage not in PLAN_STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {PLAN_STAGES}")
+    config = _copy_config(config)
     if dtype is not None:
-        config = _with_dtype(config, dtype)
-    sample_batch = batch_size if sample_batch is None else sample_batch
-    diff = _section(config, "diffusion", stage if stage != "sr" else "sr", default={}) or {}
-    diff = dict(_plain(diff))
-    if stage == "prior":
-        return _prior_stage(cfgmod.prior_config(config), diff, batch_size, sample_batch)
-    if stage == "decoder":
-        ucfg = cfgmod.decoder_config(config)
-    elif stage == "sr":
-        srs = cfgmod.sr_configs(config)
-        if not srs:
-            raise ValueError("this config has no upsamplers (empty 'sr' section)")
-        if not 0 <= sr_index < len(srs):
-            raise ValueError(f"sr index {sr_index} out of range: the config has {len(srs)}")
-        ucfg = srs[sr_index]
-        if isinstance(diff.get("sr"), (list, tuple)):
-            diff = dict(diff["sr"][sr_index])
-    else:
-        raise ValueError(f"unknown stage {stage!r}; choose decoder, prior or sr")
+        config.dtype = dtype
+    if stage == "sr":
+        n_sr = len(config.get("sr", ()) or ())
+        if not 0 <= sr_index < n_sr:
+            raise ValueError(f"sr index {sr_index} out of range: the config has {n_sr} "
+                             "upsampler(s)")
+        if train_size is not None:
+            if _section(config, "train", "sr") is None:
+                raise ValueError("--train-size needs a train.sr section in the config")
+            config.train.sr.crop_size = int(train_size)
     if remat is not None:
-        ucfg = ucfg.replace(remat=bool(remat))
-    return _unet_stage(stage, ucfg, diff, batch_size, sample_batch, train_size)
-
-
-def _with_dtype(config, dtype: str):
-    config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
-        else dict(config)
-    config["dtype"] = dtype
-    return config
+        if stage == "sr":
+            config.sr[sr_index]["remat"] = bool(remat)
+        elif stage != "prior":
+            config.decoder.remat = bool(remat)
+    tc = _stage_train_config(config, stage)
+    batch_size = int(tc.batch_size if batch_size is None else batch_size)
+    sample_batch = batch_size if sample_batch is None else int(sample_batch)
+    st = losses.build_stage(stage, config, sr_index=sr_index)
+    loss_fn = st.make_loss(st.frozen)
+    batch = train_batch_shapes(config, stage, batch_size, sr_index)
+    diff = dict(_plain(_section(config, "diffusion", losses.DIFFUSION_SECTION[stage],
+                                default={}) or {}))
+    note = ""
+    if stage == "prior":
+        mcfg = cfgmod.prior_config(config)
+        sample_fn, sample_inputs = _prior_sampler(mcfg, diff, sample_batch,
+                                                  st.frozen["buffers"])
+        k = int(diff.get("num_candidates", 1) or 1)
+        note = f"sampling draws {k} candidates per prompt" if k > 1 else ""
+    else:
+        if stage == "sr":
+            s = losses.sr_settings(config, sr_index)
+            mcfg = s["config"]
+            if s["crop"] != s["high"]:
+                note = f"trains on {s['crop']}x{s['crop']} crops of {s['high']}x{s['high']}"
+        elif stage == "inpaint":
+            mcfg = losses.inpaint_config(config)
+        else:
+            mcfg = cfgmod.decoder_config(config)
+        sample_fn, sample_inputs = _unet_sampler(mcfg, diff, sample_batch)
+    return StageSpec(stage, mcfg, st.init, loss_fn, batch, tc, sample_fn, sample_inputs,
+                     _num_sample_steps(diff), note)
 
 
 # --------------------------------------------------------------------------------------------
@@ -848,23 +849,25 @@ def _cost_of(lowered_fn: Callable[[], Any], name: str) -> StepCost:
                     compile_seconds=dt)
 
 
-def _compile_train(spec: StageSpec, mesh: Mesh, optimizer_cfg: Mapping, ema_decay: float,
-                   compute_dtype) -> StepCost:
+def _compile_train(spec: StageSpec, mesh: Mesh, compute_dtype) -> StepCost:
+    """Lower + compile the train step exactly as ``train.loop.train`` builds it."""
     from unclip_jax.parallel.mesh import batch_shardings, param_shardings, with_shardings
     from unclip_jax.train import TrainState, jit_train_step, make_optimizer, make_train_step
 
-    optimizer = make_optimizer(optimizer_cfg)
+    tc = spec.train
+    optimizer = make_optimizer(tc.optimizer())
+    use_ema = tc.ema_decay > 0
 
-    def init_fn(rng):
-        return TrainState.create(spec.init_params(rng), optimizer, rng, use_ema=True)
+    def init_fn(params, rng):
+        return TrainState.create(params, optimizer, rng, use_ema=use_ema)
 
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(init_fn, spec.abstract_params(), jax.random.PRNGKey(0))
     shardings = param_shardings(abstract, mesh)
     state = with_shardings(abstract, shardings)
     b_sh = batch_shardings(spec.batch, mesh)
     batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          spec.batch, b_sh)
-    step = make_train_step(spec.loss_fn, optimizer, ema_decay=ema_decay,
+    step = make_train_step(spec.loss_fn, optimizer, tc.ema() if use_ema else None,
                            compute_dtype=compute_dtype)
     jitted = jit_train_step(step, mesh, shardings, batch_sharding=b_sh)
     return _cost_of(lambda: jitted.lower(state, batch), "train")
@@ -878,7 +881,7 @@ def _compile_sample(spec: StageSpec, mesh: Mesh, compute_dtype) -> StepCost:
         with_shardings,
     )
 
-    abstract = jax.eval_shape(spec.init_params, jax.random.PRNGKey(0))
+    abstract = spec.abstract_params()
     p_sh = param_shardings(abstract, mesh)
     params = with_shardings(abstract, p_sh)
     # Sampling keeps the (EMA) params in the compute dtype.
@@ -975,87 +978,65 @@ def _load_config(config):
     return config
 
 
-def _train_section(config, stage: str, sr_index: int) -> dict:
-    tr = _section(config, "train", default=None)
-    if tr is None:
-        return {}
-    st = _section(tr, stage, default=None)
-    if isinstance(st, (list, tuple)):  # train.sr: one entry per upsampler
-        st = st[sr_index] if sr_index < len(st) else None
-    out = {}
-    for k in ("mesh", "ema_decay", "topology"):
-        v = _section(tr, k, default=None)
-        if v is not None:
-            out[k] = _plain(v)
-    if st is not None:
-        out.update({k: _plain(v) for k, v in dict(_plain(st)).items()})
-    return out
-
-
 def plan(config, stage: str, topology: Union[str, Topology, None] = None, *,
          mesh: Union[None, str, Mapping[str, int]] = None, batch_size: Optional[int] = None,
-         sample_batch: Optional[int] = None, dtype: Optional[str] = None, sr_index: int = 0,
-         compile_train: bool = True, compile_sample: bool = True,
+         sample_batch: Optional[int] = None, dtype: Optional[str] = None,
+         sr_index: Optional[int] = None, compile_train: bool = True, compile_sample: bool = True,
          train_size: Optional[int] = None, remat: Optional[bool] = None,
          suggest: bool = True) -> PlanReport:
     """Plan ``stage`` of ``config`` on a TPU ``topology``.
 
     Args:
-      config: an unCLIP ``ConfigDict`` or the path of an ``experiments/*.py`` file. Its
-        optional ``train`` section gives defaults: ``train.mesh``, ``train.topology``,
-        ``train.ema_decay``, and per stage ``train.<stage>.batch_size`` /
-        ``.optimizer`` (``OptimizerConfig`` fields) / ``.ema_decay`` / ``.train_size``
-        (``train.sr`` is a list, one per upsampler).
-      stage: 'decoder' | 'prior' | 'sr' (with ``sr_index``).
+      config: an unCLIP ``ConfigDict`` or the path of an ``experiments/*.py`` file. The train
+        step is the one ``unclip train`` builds from ``config.train.<stage>`` (optimizer, EMA,
+        loss; defaults of ``train.loop.TrainConfig`` when the section is missing).
+      stage: 'decoder' | 'prior' | 'sr' | 'inpaint'.
+      sr_index: which upsampler for 'sr' (default ``train.sr.index``, else 0).
       topology: ``v5p:4x4x4``, ``v4-32``, ... (see ``parse_topology``); default
-        ``train.topology``.
+        ``config.tpu.topology``.
       mesh: ``{'data': .., 'fsdp': .., 'tensor': ..}`` or ``"data=2,fsdp=8"`` (one axis may be
-        -1); default ``train.mesh``, else everything on fsdp.
-      batch_size: global train batch; default ``train.<stage>.batch_size``, else 2 per device.
+        -1); default ``train.<stage>.mesh`` (when it does not fit the slice: all on fsdp).
+      batch_size: global train batch; default ``train.<stage>.batch_size``.
       sample_batch: batch of the sampling step (default: the train batch).
       dtype: compute dtype ('bfloat16' | 'float32'); default ``config.dtype``.
       compile_train / compile_sample: compile the steps for the topology (needs libtpu); with
         both off only the analytic numbers are reported (no libtpu needed).
-      train_size: training image size (upsamplers train on random crops).
+      train_size: the upsampler's training crop (``train.sr.crop_size``).
       remat: override the UNet's ``remat`` (activation rematerialisation).
       suggest: add an analytic mesh suggestion when the step does not fit.
     """
     from unclip_jax.config import compute_dtype as _cdtype
 
     config = _load_config(config)
-    tr = _train_section(config, stage, sr_index)
-    topology = topology or tr.get("topology")
+    if sr_index is None:
+        sr_index = int(_section(config, "train", "sr", "index", default=0) or 0)
+    topology = topology or _section(config, "tpu", "topology")
     if topology is None:
-        raise ValueError("give a topology (e.g. v5p:4x4x4), or set train.topology in the config")
+        raise ValueError("give a topology (e.g. v5p:4x4x4), or set tpu.topology in the config")
     topo = parse_topology(topology) if isinstance(topology, str) else topology
     n = topo.num_chips
+    dtype_name = dtype or config.get("dtype", "float32")
+    spec = stage_spec(config, stage, batch_size=batch_size, sample_batch=sample_batch,
+                      sr_index=sr_index, dtype=dtype_name, train_size=train_size, remat=remat)
+    batch_size = spec.batch[next(iter(spec.batch))].shape[0]
+    cdtype = _cdtype({"dtype": dtype_name})
     mesh_cfg = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     notes = []
     if mesh_cfg:
         sizes = resolve_mesh(mesh_cfg, n)
     else:
         try:
-            sizes = resolve_mesh(tr.get("mesh"), n)
+            sizes = resolve_mesh(spec.train.mesh, n)
         except ValueError as e:  # the config's mesh is for another slice size
             sizes = resolve_mesh(None, n)
             notes.append(f"train.mesh does not fit {n} devices ({e}); using fsdp={n}")
-    if batch_size is None:
-        batch_size = int(tr.get("batch_size", 0) or 2 * n)
-    if train_size is None and tr.get("train_size"):
-        train_size = int(tr["train_size"])
-    dtype_name = dtype or config.get("dtype", "float32")
-    cfg_for_dtype = _with_dtype(config, dtype_name)
-    cdtype = _cdtype(cfg_for_dtype)
-    spec = stage_spec(cfg_for_dtype, stage, batch_size=batch_size, sample_batch=sample_batch,
-                      sr_index=sr_index, train_size=train_size, remat=remat)
-    opt_cfg = dict(tr.get("optimizer", {}) or {})
-    ema_decay = float(tr.get("ema_decay", 0.9999))
 
-    abstract_params = jax.eval_shape(spec.init_params, jax.random.PRNGKey(0))
+    abstract_params = spec.abstract_params()
     p_total, p_dev, p_repl = _tree_bytes(abstract_params, sizes)
-    param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(nn_unbox(abstract_params)))
-    # State = params + mu + nu + EMA, all fp32 with the params' shardings (+ a few scalars).
-    state_dev = 4 * p_dev
+    param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(
+        _unbox(abstract_params)))
+    # State = params + mu + nu (+ EMA), all fp32 with the params' shardings (+ a few scalars).
+    state_dev = (4 if spec.train.ema_decay > 0 else 3) * p_dev
     batch_dev = _batch_bytes_per_device(spec.batch, sizes)
     estimate = state_dev + p_dev + batch_dev
     ideal = p_total // (sizes["fsdp"] * sizes["tensor"])
@@ -1079,7 +1060,7 @@ def plan(config, stage: str, topology: Union[str, Topology, None] = None, *,
         devices = topology_devices(topo)
         dmesh = make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
         if compile_train:
-            report.train = _compile_train(spec, dmesh, opt_cfg, ema_decay, cdtype)
+            report.train = _compile_train(spec, dmesh, cdtype)
         if compile_sample and spec.sample_fn is not None:
             report.sample = _compile_sample(spec, dmesh, cdtype)
     if suggest and not report.fits:
@@ -1101,19 +1082,19 @@ def build_parser(prog: str = "unclip plan") -> argparse.ArgumentParser:
                     "on this (CPU) host and report per-device HBM, FLOPs and parameter "
                     "sharding. Needs libtpu: " + INSTALL_HINT)
     p.add_argument("--config", required=True, help="experiments/<name>.py")
-    p.add_argument("--stage", required=True, choices=("decoder", "prior", "sr"))
-    p.add_argument("--sr-index", type=int, default=0,
-                   help="which upsampler for --stage sr (0 = first)")
+    p.add_argument("--stage", required=True, choices=PLAN_STAGES)
+    p.add_argument("--sr-index", type=int, default=None,
+                   help="which upsampler for --stage sr (default: train.sr.index, else 0)")
     p.add_argument("--topology", default=None,
                    help="v5p:4x4x4, v4:2x2x4, v5e:2x2, v6e:4x4 or v5p-128, v4-32, v5litepod-16 "
-                        "(default: train.topology of the config)")
+                        "(default: tpu.topology of the config)")
     p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (one may be -1)")
     p.add_argument("--batch", type=int, default=None, help="global train batch size")
     p.add_argument("--sample-batch", type=int, default=None,
                    help="batch of the sampling step (default: the train batch)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"))
     p.add_argument("--train-size", type=int, default=None,
-                   help="training image size (upsamplers train on random crops)")
+                   help="upsampler training crop size (overrides train.sr.crop_size)")
     p.add_argument("--remat", default=None, choices=("on", "off"),
                    help="override the UNet's activation rematerialisation")
     p.add_argument("--no-sample", action="store_true", help="skip the sampling step")

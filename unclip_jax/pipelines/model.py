@@ -182,7 +182,8 @@ def init_random(config: ml_collections.ConfigDict, seed: int = 0) -> UnCLIP:
     ar_cfg = ar_prior_config(config)
     if ar_cfg is not None:
         params["ar_prior"] = _random_ar_prior(ar_cfg, jax.random.fold_in(keys[0], 7))
-    return UnCLIP(config, params, random_weights=True, source=f"random:{config.get('name', '')}")
+    return UnCLIP(config, params, tokenizer_dir=cfg_lib.tokenizer_dir(config), random_weights=True,
+                  source=f"random:{config.get('name', '')}")
 
 
 def _abstract_params(config) -> dict:

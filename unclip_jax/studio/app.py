@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -418,7 +419,7 @@ def build_app(model, defaults: Optional[StudioDefaults] = None, out_dir: Optiona
                                           elem_id="gen-files", interactive=False)
                         g_send = _send_row(gr, "gen")
             # ---------------------------------------------------------------- Edit
-            with gr.Tab("Edit", id=TAB_EDIT, elem_id="tab-edit", render_children=True):
+            with gr.Tab("Edit", id=TAB_EDIT, elem_id="tab-edit"):
                 with gr.Row():
                     with gr.Column(scale=3):
                         e_editor = gr.ImageEditor(
@@ -636,10 +637,13 @@ def build_app(model, defaults: Optional[StudioDefaults] = None, out_dir: Optiona
             for target, button in buttons.items():
                 comps, convert = targets[target]
 
-                # switch tabs first: the Edit canvas draws only while its tab is visible
-                button.click(handler(_switch(tab_of.get(target, target))), [s[src], sel[src]],
-                             [tabs], **light).then(
-                    handler(_sender(convert)), [s[src], sel[src]], comps, **light)
+                # Switch tabs first and give the page time to draw it: Gradio 5's ImageEditor
+                # drops an image set before its canvas is up ("this.history.push is not a
+                # function" in the browser console).
+                button.click(handler(_switch(tab_of.get(target, target))),
+                             [s[src], sel[src]], [tabs], **light).success(
+                    handler(_sender(convert, EDITOR_SETTLE_S if target == TAB_EDIT else 0)),
+                    [s[src], sel[src]], comps, **light)
     return demo
 
 
@@ -655,6 +659,9 @@ def _send_row(gr, prefix: str) -> dict:
                 for t, label in names.items()}
 
 
+EDITOR_SETTLE_S = 2.0  # seconds the Edit canvas gets to start before an image is sent to it
+
+
 def _switch(tab: str):
     def switch(results, index):
         H.pick(results, index)  # says "run this tab first" when there is nothing to send
@@ -662,9 +669,12 @@ def _switch(tab: str):
     return switch
 
 
-def _sender(convert):
+def _sender(convert, settle_s: float = 0.0):
     def send(results, index):
-        return convert(np.asarray(H.pick(results, index)))
+        im = np.asarray(H.pick(results, index))
+        if settle_s:
+            time.sleep(settle_s)
+        return convert(im)
     return send
 
 

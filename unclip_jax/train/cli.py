@@ -140,7 +140,10 @@ def _run_stage(stage: str, config, workdir: str, data_spec: str, steps: Optional
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """``unclip train``; returns the exit code (raises ConfigError for bad config / keys)."""
+    from unclip_jax.checkpoint import ConfigMismatchError
+    from unclip_jax.config import ConfigError
     from unclip_jax.parallel.mesh import maybe_initialize_distributed
+    from unclip_jax.train.export import ExportError
     from unclip_jax.train.loop import NonFiniteLossError
 
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
@@ -163,6 +166,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except (ConfigMismatchError, ExportError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _train_all(config, args, progress: bool) -> int:
@@ -263,7 +268,13 @@ def embed_main(argv: Optional[Sequence[str]] = None) -> int:
         config = ml_collections.ConfigDict(read_meta(args.model)["config"])
         if overrides:
             raise ConfigError("--config.* overrides need --config")
-    ccfg, params, tok = load_clip_params(config, model=args.model, clip_workdir=args.clip_workdir)
+    from unclip_jax.train.export import ExportError
+
+    try:
+        ccfg, params, tok = load_clip_params(config, model=args.model,
+                                             clip_workdir=args.clip_workdir)
+    except ExportError as e:
+        raise ConfigError(str(e)) from None
     src = open_data(args.data, "clip", config, args.batch_size, seed=args.seed, one_pass=True)
     n = args.max_examples or getattr(src, "num_examples", None)
     if not n:

@@ -114,7 +114,8 @@ def _optimizer_like(stored: Optional[dict], stage: str):
     train = (stored or {}).get("train", {})
     return dict(name="adamw", learning_rate=1e-4, warmup_steps=0,
                 total_steps=max(2, int(train.get("total_steps", 2))),
-                accum_steps=int(train.get("accum_steps", 1)), grad_clip_norm=1.0)
+                accum_steps=int(train.get("accum_steps", 1)),
+                grad_clip_norm=train.get("grad_clip_norm", 1.0))
 
 
 def _sr_workdirs(workdirs: Mapping[str, str], n_sr: int) -> dict[int, str]:
@@ -159,7 +160,9 @@ def export_model(config, workdirs: Mapping[str, str], out_dir: str, *,
             params[s] = load_stage_params(config, s, workdirs[s], ema=ema)
     for i, d in sr_dirs.items():
         params["sr"][i] = load_stage_params(config, "sr", d, ema=ema, sr_index=i)
-    model = model_lib.UnCLIP(config, params, random_weights=bool(missing),
+    _check_shapes(config, params)
+    model = model_lib.UnCLIP(config, params, tokenizer_dir=cfg_lib.tokenizer_dir(config),
+                             random_weights=bool(missing),
                              source=f"export:{','.join(sorted(workdirs))}")
     model_lib.save(model, out_dir)
     if workdirs.get("inpaint"):
@@ -169,6 +172,24 @@ def export_model(config, workdirs: Mapping[str, str], out_dir: str, *,
         with open(os.path.join(out_dir, "random_stages.json"), "w") as f:
             json.dump({"random_stages": missing}, f)
     return out_dir
+
+
+def _check_shapes(config, params) -> None:
+    """Every stage's params must have the shapes ``config`` gives (a model dir used as a source
+    may hold another config's weights)."""
+    from unclip_jax.pipelines import model as model_lib
+
+    want = jax.eval_shape(lambda: model_lib.init_random(config).params)
+    for stage in ("clip", "prior", "decoder", "sr"):
+        w = jax.tree_util.tree_flatten_with_path(want[stage])[0]
+        g = jax.tree_util.tree_flatten_with_path(params[stage])[0]
+        ws = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in w}
+        gs = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in g}
+        if ws != gs:
+            diff = sorted(k for k in set(ws) | set(gs) if ws.get(k) != gs.get(k))
+            raise ExportError(f"{stage}: the weights do not fit the export config (e.g. "
+                              f"{diff[:3]}: {[gs.get(k) for k in diff[:3]]} vs config "
+                              f"{[ws.get(k) for k in diff[:3]]})")
 
 
 def save_inpaint_params(model_dir: str, params: PyTree) -> None:
@@ -216,10 +237,8 @@ def load_clip_params(config, model: Optional[str] = None, clip_workdir: Optional
 
         m = model_lib.load(model)
         return m.clip_config, m.params["clip"], m.tokenizer_dir
-    from unclip_jax.models.tokenizer import DEFAULT_TOKENIZER_DIR
-
     return (cfg_lib.clip_config(config), load_stage_params(config, "clip", clip_workdir, ema=ema),
-            DEFAULT_TOKENIZER_DIR)
+            cfg_lib.tokenizer_dir(config))
 
 
 def embed_batches(clip_cfg, clip_params, batches: Iterable[dict], *,

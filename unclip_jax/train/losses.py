@@ -3,7 +3,7 @@
 Stages and what their batch carries (numpy / jax arrays, leading batch dim B):
 
   clip      image [B, H, W, 3] in [-1, 1] (any size; resized to the CLIP image size in-graph),
-            input_ids [B, L] int32, attention_mask [B, L] int32 (from ``prepare_batch``, which
+            input_ids [B, L] int32, attention_mask [B, L] int32 (from ``Stage.prepare``, which
             tokenises ``caption`` strings). Symmetric InfoNCE with CLIP's learned temperature.
   prior     image_emb [B, D], text_emb [B, D], text_states [B, L, W], text_mask [B, L] (from
             ``unclip embed``). x0-MSE on the *normalised* image embedding (prior buffers
@@ -443,14 +443,17 @@ def _clip_prepare(config):
     ccfg = cfg_lib.clip_config(config)
     length = ccfg.text_config.max_position_embeddings
 
+    tok_dir = cfg_lib.tokenizer_dir(config)
+
     def prepare(batch):
-        from unclip_jax.models.tokenizer import tokenize_with_info
+        from unclip_jax.models.tokenizer import load_tokenizer, tokenize_with_info
 
         out = _numeric(batch)
         if "input_ids" not in out:
             if "caption" not in batch:
                 raise MissingBatchKeyError("stage 'clip' needs 'caption' strings or 'input_ids'")
-            toks = tokenize_with_info([str(c) for c in batch["caption"]], length)
+            toks = tokenize_with_info([str(c) for c in batch["caption"]], length,
+                                      tokenizer=load_tokenizer(tok_dir, length))
             out["input_ids"], out["attention_mask"] = toks.ids, toks.mask
         return out
 
@@ -463,9 +466,11 @@ def build_stage(stage: str, config, *, sr_index: int = 0) -> Stage:
         raise cfg_lib.ConfigError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
     if stage == "clip":
         ccfg = cfg_lib.clip_config(config)
-        return Stage("clip", lambda rng: clip_lib.CLIP(ccfg).init(rng, **_clip_dummy(ccfg))["params"],
-                     {}, lambda frozen: clip_loss_fn(config), _clip_prepare(config),
-                     ("clip",))
+        def clip_init(rng):
+            return clip_lib.CLIP(ccfg).init(rng, **_clip_dummy(ccfg))["params"]
+
+        return Stage("clip", clip_init, {}, lambda frozen: clip_loss_fn(config),
+                     _clip_prepare(config), ("clip",))
     if stage == "prior":
         pcfg = cfg_lib.prior_config(config)
         buffers = _initial_buffers(pcfg)

@@ -1,0 +1,46 @@
+"""Evaluation CLIP for the emoji model (issue "5 of 6", "Measure quality honestly").
+
+Scores R-precision and CLIP-FID in ``benchmarks/quality_emoji.py``. It is trained separately
+from the CLIP the emoji unCLIP conditions on -- another seed and another architecture (wider,
+deeper, 16 px patches instead of 8, 128-d instead of 192-d embeddings) -- so a decoder cannot
+score well by pleasing its own encoder. Same data, tokenizer and train sections as
+``experiments/emoji.py`` (read from it, so they stay in step); only ``clip``, ``name`` and the
+CLIP run's seed differ::
+
+    unclip train clip --config experiments/emoji_eval_clip.py --workdir runs/eval_clip
+    python benchmarks/quality_emoji.py --model MODEL_DIR --eval-clip runs/eval_clip ...
+"""
+import importlib.util
+import os
+
+EVAL_CLIP_DIM = 128
+WIDTH = 256
+EVAL_SEED = 1
+
+
+def _emoji_config():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emoji.py")
+    spec = importlib.util.spec_from_file_location("_unclip_emoji_config_for_eval", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def get_config():
+    emoji = _emoji_config()
+    c = emoji.get_config()
+    c.name = "emoji_eval_clip"
+    text_len = emoji.TEXT_LEN
+    c.clip = dict(
+        projection_dim=EVAL_CLIP_DIM,
+        text_config=dict(vocab_size=4096, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
+                         num_hidden_layers=4, num_attention_heads=8,
+                         max_position_embeddings=text_len, projection_dim=EVAL_CLIP_DIM,
+                         bos_token_id=4094, eos_token_id=4095, pad_token_id=0),
+        vision_config=dict(image_size=64, patch_size=16, hidden_size=WIDTH,
+                           intermediate_size=4 * WIDTH, num_hidden_layers=6,
+                           num_attention_heads=8, projection_dim=EVAL_CLIP_DIM),
+    )
+    if "train" in c and "clip" in c.train:
+        c.train.clip.seed = EVAL_SEED
+    return c

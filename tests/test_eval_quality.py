@@ -1,0 +1,182 @@
+"""benchmarks/quality_emoji.py end to end on the tiny random unCLIP and a tiny random
+evaluation CLIP (another config), with fake concept data built here; plus the pieces of
+unclip_jax/eval/quality.py and the trade-off plot."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unclip_jax import config as cfg_lib
+from unclip_jax.eval import plots, quality
+from unclip_jax.eval.clip_features import load_eval_clip, same_clip, tokenizer_dir_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+EVAL_CLIP_CONFIG = '''
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.name = "tiny_eval_clip"
+    c.clip = dict(projection_dim=24,
+                  text_config=dict(vocab_size=49408, hidden_size=24, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   max_position_embeddings=77, projection_dim=24),
+                  vision_config=dict(image_size=32, patch_size=16, hidden_size=24,
+                                     intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=2, projection_dim=24))
+    return c
+'''
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+
+
+def fake_split(offset: int, n_concepts: int = 8, per_concept: int = 3, size: int = 32):
+    """Concepts = coloured squares of one hue; images vary in square size and position."""
+    rng = np.random.default_rng(offset)
+    examples, pool = [], {}
+    for c in range(n_concepts):
+        name = f"c{offset + c}"
+        pool[name] = f"a {COLORS[c % len(COLORS)]} square number {offset + c}"
+        colour = rng.integers(0, 256, 3)
+        for _ in range(per_concept):
+            im = np.full((size, size, 3), 255, np.uint8)
+            s = int(rng.integers(8, 24))
+            y, x = rng.integers(0, size - s, 2)
+            im[y:y + s, x:x + s] = colour
+            examples.append({"image": im, "concept": name.encode()})  # bytes, as tfds gives
+    return examples, pool
+
+
+def _load_script():
+    path = os.path.join(ROOT, "benchmarks", "quality_emoji.py")
+    spec = importlib.util.spec_from_file_location("quality_emoji_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_concept_set_selection_and_real_halves():
+    examples, pool = fake_split(0, n_concepts=6, per_concept=3)
+    cs = quality.concept_set("train", examples, pool, num_concepts=4, seed=1)
+    assert len(cs.concepts) == 4 and cs.concepts == sorted(cs.concepts)
+    assert cs.prompts == [pool[c] for c in cs.concepts]
+    assert len(cs.pool_concepts) == 6  # the distractor pool is the whole split
+    ref, ceil, lr, lc = quality.split_real(cs)
+    assert len(ref) == 4 * 2 and len(ceil) == 4 * 1 and set(lr) == set(lc) == set(cs.concepts)
+    again = quality.concept_set("train", examples, pool, num_concepts=4, seed=1)
+    assert again.concepts == cs.concepts
+    with pytest.raises(ValueError, match="caption pool"):
+        quality.ConceptSet("x", ["nope"], ["p"], [ref[:1]], ["c0"], ["a"])
+
+
+def test_tradeoff_plot_pil(tmp_path):
+    def row(m, g, fid, r):
+        return quality.Row("train", m, g, 8, r, fid, 20.0)
+    res = {s: {"rows": [row("real", None, 0.1, 0.9)],
+               "sweep": [row("unclip", 1.0, 0.5, 0.2), row("unclip", 3.0, 0.7, 0.6),
+                         row("caption_only", 1.0, 0.4, 0.1), row("caption_only", 3.0, 0.9, 0.3)]}
+           for s in ("train", "test")}
+    path = plots.tradeoff_plot(res, str(tmp_path / "t.png"), backend="pil")
+    im = np.asarray(Image.open(path).convert("RGB"))
+    assert im.shape == (380, 960, 3)
+    for col in (plots.COLORS["unclip"], plots.COLORS["caption_only"], plots.COLORS["real"]):
+        assert (im == np.array(col, np.uint8)).all(-1).sum() > 20  # every series is drawn
+
+
+def test_eval_clip_config_differs_from_the_model_clip():
+    model_cfg = cfg_lib.load_config_file(os.path.join(ROOT, "experiments", "emoji.py"))
+    eval_cfg = cfg_lib.load_config_file(os.path.join(ROOT, "experiments",
+                                                     "emoji_eval_clip.py"))
+    a, b = cfg_lib.clip_config(model_cfg), cfg_lib.clip_config(eval_cfg)
+    assert a.vision_config.patch_size != b.vision_config.patch_size
+    assert a.vision_config.hidden_size != b.vision_config.hidden_size
+    assert a.projection_dim != b.projection_dim
+    assert a.text_config.max_position_embeddings == b.text_config.max_position_embeddings
+    assert tokenizer_dir_for(eval_cfg) == tokenizer_dir_for(model_cfg)
+    assert eval_cfg.name != model_cfg.name
+    # everything but the CLIP (and the CLIP run's seed) is emoji.py's
+    for k in model_cfg:
+        if k not in ("clip", "name", "train"):
+            assert cfg_lib.to_json(model_cfg[k]) == cfg_lib.to_json(eval_cfg[k]), k
+    if "train" in model_cfg:
+        assert eval_cfg.train.clip.seed != model_cfg.train.clip.seed
+
+
+def _conditioned_tiny_model():
+    """The tiny random unCLIP with the zero-initialised kernels of its decoder and upsampler
+    (GLIDE zero-inits every residual / attention output and the last conv) made small random
+    values, so that the images depend on the conditioning and the rows can differ."""
+    import jax
+
+    from unclip_jax import cli
+    from unclip_jax.pipelines import model as model_lib
+
+    base = cli.load_model("random:tiny")
+    rng = np.random.default_rng(0)
+    noise = lambda x: (np.asarray(x) + 0.05 * rng.standard_normal(np.shape(x)).astype(  # noqa
+        np.float32) if np.ndim(x) >= 2 and not np.any(np.asarray(x)) else x)
+    params = dict(base.params, decoder=jax.tree.map(noise, base.params["decoder"]),
+                  sr=jax.tree.map(noise, base.params["sr"]))
+    return model_lib.UnCLIP(base.config, params, random_weights=True, source="random:tiny+")
+
+
+def test_quality_benchmark_end_to_end(tmp_path):
+    cfg = tmp_path / "tiny_eval_clip.py"
+    cfg.write_text(EVAL_CLIP_CONFIG)
+    data = {"train": fake_split(0), "test": fake_split(100)}
+    out_dir = tmp_path / "out"
+    lines = []
+    bench = _load_script()
+    out = bench.main(["--model", "random:tiny", "--eval-clip", f"random:{cfg}",
+                      "--num-concepts", "4", "--samples-per-concept", "2",
+                      "--guidance-sweep", "1,3", "--batch-size", "8", "--prior-steps", "2",
+                      "--decoder-steps", "2", "--sr-steps", "2", "--grid-per-prompt", "1",
+                      "--out-dir", str(out_dir)], data=data, model=_conditioned_tiny_model(),
+                     log=lines.append)
+    res = out["results"]
+    assert set(res) == {"train", "test"}
+    for r in res.values():
+        rows = {(x["method"], x["guidance"]) for x in r["rows"]}
+        assert rows == {("real", None), ("unclip", 3.0), ("caption_only", 3.0),
+                        ("text_emb", 3.0)}  # tiny's decoder guidance is 3
+        assert {(x["method"], x["guidance"]) for x in r["sweep"]} == {
+            (m, g) for m in ("unclip", "caption_only") for g in (1.0, 3.0)}
+        assert r["num_distractors"] == 7  # 8 concepts in the fake pool
+        assert r["image_size"] == 32 and r["score_at"] == "final"
+        for x in r["rows"] + r["sweep"]:
+            assert 0.0 <= x["r_precision"] <= 1.0 and np.isfinite(x["clip_fid"])
+            assert x["clip_fid"] >= 0
+            assert x["n"] == (4 if x["method"] == "real" else 8)
+        # common random numbers: the table row at guidance 3 is the sweep's point at 3
+        tab = next(x for x in r["rows"] if x["method"] == "unclip")
+        sw = next(x for x in r["sweep"] if x["method"] == "unclip" and x["guidance"] == 3.0)
+        assert tab["clip_fid"] == sw["clip_fid"]
+        # the rows really are different conditionings / guidance scales
+        fid = {(x["method"], x["guidance"]): x["clip_fid"] for x in r["rows"] + r["sweep"]}
+        assert len({fid[(m, 3.0)] for m in quality.METHODS}) == 3
+        assert fid[("unclip", 1.0)] != fid[("unclip", 3.0)]
+    table = (out_dir / "results.md").read_text()
+    assert "real images (ceiling)" in table and "caption only" in table
+    assert "CLIP text emb" in table and "| test |" in table
+    assert json.loads((out_dir / "results.json").read_text())["results"]["train"]["rows"]
+    plot = np.asarray(Image.open(out_dir / "tradeoff.png"))
+    assert plot.ndim == 3 and plot.shape[1] > plot.shape[0]
+    for m in quality.METHODS:
+        grid = Image.open(out_dir / f"samples_{m}.png")
+        assert grid.size[1] > grid.size[0]  # one row per fixed prompt, one column
+    assert (out_dir / "samples_prompts.txt").read_text().split("\n")[:2] == list(
+        quality.GRID_PROMPTS[:2])
+    assert any("R-precision" in ln for ln in lines)
+
+
+def test_refuses_to_score_with_the_models_own_clip(tmp_path):
+    from unclip_jax import cli
+
+    model = cli.load_model("random:tiny")
+    assert same_clip(model.params["clip"], model.params["clip"])
+    ev = load_eval_clip("random:" + os.path.join(ROOT, "experiments", "tiny.py"), seed=0)
+    assert not same_clip(model.params["clip"], ev.params)  # same config, other seed
