@@ -15,7 +15,7 @@ import os
 
 EVAL_CLIP_DIM = 128
 WIDTH = 256
-EVAL_SEED = 1
+EVAL_SEED_OFFSET = 1000  # the eval CLIP's seed: emoji.py's CLIP seed + this
 
 
 def _emoji_config():
@@ -42,5 +42,5 @@ def get_config():
                            num_attention_heads=8, projection_dim=EVAL_CLIP_DIM),
     )
     if "train" in c and "clip" in c.train:
-        c.train.clip.seed = EVAL_SEED
+        c.train.clip.seed = int(c.train.clip.get("seed", 0)) + EVAL_SEED_OFFSET
     return c

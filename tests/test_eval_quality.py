@@ -161,7 +161,7 @@ def test_quality_benchmark_end_to_end(tmp_path):
         assert fid[("unclip", 1.0)] != fid[("unclip", 3.0)]
     table = (out_dir / "results.md").read_text()
     assert "real images (ceiling)" in table and "caption only" in table
-    assert "CLIP text emb" in table and "| test |" in table
+    assert "CLIP text emb" in table and "| test |" in table and "Goal: " in table
     assert json.loads((out_dir / "results.json").read_text())["results"]["train"]["rows"]
     plot = np.asarray(Image.open(out_dir / "tradeoff.png"))
     assert plot.ndim == 3 and plot.shape[1] > plot.shape[0]

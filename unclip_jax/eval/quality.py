@@ -275,8 +275,9 @@ def evaluate_split(model, eval_clip: EvalCLIP, cs: ConceptSet, key, *,
 # ------------------------------------------------------------------------------ reporting
 
 
-def markdown_table(results: Mapping[str, dict]) -> str:
-    """Main table (one block per split) and the guidance sweep, as markdown."""
+def markdown_table(results: Mapping[str, dict], goal: Optional[float] = 0.6) -> str:
+    """Main table (one block per split) and the guidance sweep, as markdown; with ``goal``, a
+    line saying whether unCLIP's R-precision on train concepts reaches it (issue 5: 0.6)."""
     lines = ["| split | row | decoder guidance | n | R-precision top-1 | CLIP-FID | CLIP score |",
              "|---|---|---|---|---|---|---|"]
     for split, res in results.items():
@@ -302,6 +303,13 @@ def markdown_table(results: Mapping[str, dict]) -> str:
                        "against one half of the real images of the same concepts (the real "
                        "row is the other half). CLIP score: 100 x mean cosine(image, true "
                        f"caption). Images scored at {first['image_size']} px ({where}).")]
+    train = results.get("train")
+    if goal is not None and train:
+        r = next((x for x in train["rows"] if x.method == "unclip"), None)
+        if r is not None:
+            verdict = "met" if r.r_precision >= goal else "NOT met"
+            lines += ["", (f"Goal: unCLIP R-precision on train concepts >= {goal:g}: {verdict} "
+                           f"({r.r_precision:.3f} at decoder guidance {r.guidance:g}).")]
     return "\n".join(lines)
 
 
