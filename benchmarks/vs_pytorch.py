@@ -243,7 +243,10 @@ def main(argv=None):
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     p.add_argument("--workdir", help="keep the built / converted weights here")
     p.add_argument("--torch-threads", type=int, default=0,
-                   help="also time diffusers eager with this many intra-op threads")
+                   help="torch intra-op threads (default: torch's own, = cores); on a loaded "
+                        "machine OpenMP oversubscription slows torch down many times, use 1")
+    p.add_argument("--also-default-threads", action="store_true",
+                   help="with --torch-threads: also time eager with torch's default threads")
     p.add_argument("--side", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -266,20 +269,22 @@ def main(argv=None):
     print(f"config {a.size}: params {count_params(a.model)}; batch {a.batch}, steps "
           f"prior {a.prior_steps} / decoder {a.decoder_steps} / sr {a.sr_steps}, guidance 4 / 8, "
           f"repeats {a.repeats}; cpus {os.cpu_count()}, load avg {os.getloadavg()}")
-    res = {"ours (jax.jit)": _side(a, "ours"), "diffusers eager": _side(a, "theirs")}
-    if a.torch_threads:
-        res[f"diffusers eager {a.torch_threads}thr"] = _side(
-            a, "theirs", ["--torch-threads", str(a.torch_threads)])
+    thr = ["--torch-threads", str(a.torch_threads)] if a.torch_threads else []
+    res = {"ours (jax.jit)": _side(a, "ours"), "diffusers eager": _side(a, "theirs", thr)}
+    if a.also_default_threads and a.torch_threads:
+        res["diffusers eager (default threads)"] = _side(a, "theirs")
     if a.torch_compile:
-        res["diffusers torch.compile"] = _side(a, "theirs", ["--torch-compile"])
+        res["diffusers torch.compile"] = _side(a, "theirs", ["--torch-compile"] + thr)
     ours = res["ours (jax.jit)"]
     for name, r in res.items():
         if "error" in r:
             print(f"{name:24s} ERROR {r['error']}")
             continue
         steady = _med(r["runs"], "total")
-        print(f"{name:24s} first call {r['warmup']:7.2f}s (~{r['warmup'] - steady:.2f}s "
-              f"compile / warm-up, not in the medians)  peak RSS {r['peak_rss_mb']:.0f} MB"
+        extra = (f" (~{r['warmup'] - steady:.2f}s of it compile / warm-up)"
+                 if r["warmup"] > steady else "")
+        print(f"{name:24s} first call {r['warmup']:7.2f}s{extra}, not in the medians;  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB"
               + (f"  threads {r['threads']}" if "threads" in r else ""))
         parts = []
         for k in ("clip", "prior", "decoder", "sr", "total"):

@@ -322,7 +322,8 @@ def test_whole_pipeline_matches_with_same_noise(converted, monkeypatch):
     monkeypatch.setattr(su, "randn_tensor", lambda *a, **k: queue.pop(0))
     with torch.no_grad():
         want = pipe(prompts, prior_num_inference_steps=STEPS, decoder_num_inference_steps=STEPS,
-                    super_res_num_inference_steps=STEPS, prior_latents=torch.from_numpy(p0),
+                    super_res_num_inference_steps=STEPS,
+                    prior_latents=torch.from_numpy(np.array(p0)),
                     decoder_latents=nchw(d0), super_res_latents=nchw(s0),
                     prior_guidance_scale=4.0, decoder_guidance_scale=8.0,
                     output_type="np").images
@@ -358,3 +359,21 @@ def test_mismatches_are_reported_by_name(converted):
     rep = du.ConversionReport()
     du.convert_diffusers_unet(half, cfg, report=rep)
     assert rep.notes and "upcast to float32" in rep.notes[0]
+
+
+def test_text_only_conversion_and_missing_components(converted):
+    from unclip_jax.convert.cli import convert_main
+    from unclip_jax.pipelines import model as model_lib
+
+    root = converted["root"]
+    out = str(root / "text_only")
+    assert convert_main(["diffusers", converted["src"], out]) == 0
+    m = model_lib.load(out)
+    assert m.config.clip_text_only and set(m.params["clip"]) == {"text_model",
+                                                                  "text_projection"}
+    a = du.flatten(m.params["prior"])
+    b = du.flatten(converted["model"].params["prior"])
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+    # a dir that is not an UnCLIPPipeline (e.g. a variation pipeline: no prior/)
+    assert convert_main(["diffusers", str(root / "variation"), str(root / "bad")]) == 1

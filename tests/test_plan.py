@@ -140,8 +140,8 @@ def test_plan_main_estimate_only(capsys):
                     "--estimate-only", "--batch", "8", "--markdown"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "tiny / prior on v5p:2x2x1" in out and "FITS" in out
-    assert "| tiny prior |" in out
+    assert "tiny / prior on v5p:2x2x1" in out and "MAY FIT (lower bound only" in out
+    assert "| tiny prior |" in out and "lower bound fits" in out
 
 
 def test_plan_main_usage_error(capsys):

@@ -109,6 +109,12 @@ def server(tmp_path_factory):
             proc.kill()
 
 
+def _mark(what: str, t0=[None]) -> None:
+    now = time.time()
+    t0[0] = t0[0] or now
+    print(f"[studio test] {now - t0[0]:6.1f} s  {what}", flush=True)
+
+
 def _wait_images(page, selector: str, n: int, timeout: float = JOB_S) -> list:
     """The src of the first ``n`` images under ``selector`` once there are ``n``; fails with
     the page's error message if one shows up."""
@@ -184,6 +190,7 @@ def test_studio_generate_edit_errors_and_sessions(server, tmp_path):
             page.goto(url)
             page.wait_for_selector("#gen-prompt textarea", timeout=60000)
 
+            _mark("page loaded")
             # ---- Generate: a grid of 2 images
             page.fill("#gen-prompt textarea", "a red heart")
             page.click("#gen-run")
@@ -194,6 +201,7 @@ def test_studio_generate_edit_errors_and_sessions(server, tmp_path):
             page.wait_for_timeout(500)
             page.screenshot(path=str(DOCS / "studio_generate.png"))
 
+            _mark("generated")
             # ---- bad input: an empty prompt gives a message in the page, no traceback
             page.fill("#gen-prompt textarea", "   ")
             page.click("#gen-run")
@@ -202,6 +210,7 @@ def test_studio_generate_edit_errors_and_sessions(server, tmp_path):
             assert "Traceback" not in msg
             _close_toasts(page)
 
+            _mark("empty prompt refused")
             # ---- Edit: upload, paint with the brush (mouse drag), describe, inpaint
             page.click("button[role=tab]:has-text('Edit')")
             page.wait_for_selector("#edit-editor button[aria-label=Upload]", timeout=60000)
@@ -236,6 +245,7 @@ def test_studio_generate_edit_errors_and_sessions(server, tmp_path):
             page.wait_for_timeout(500)
             page.screenshot(path=str(DOCS / "studio_edit.png"), full_page=True)
 
+            _mark("inpainted")
             # ---- keep editing the selected candidate: the edit stacks in the history
             page.locator("#edit-gallery img").nth(1).click()
             page.keyboard.press("Escape")
@@ -248,6 +258,7 @@ def test_studio_generate_edit_errors_and_sessions(server, tmp_path):
             assert "mask is empty" in msg, msg
             _close_toasts(page)
 
+            _mark("empty mask refused")
             # ---- a second browser session sees none of the first one's results
             ctx_b = browser.new_context(viewport={"width": 1400, "height": 1000})
             _local_only(ctx_b)
@@ -255,10 +266,13 @@ def test_studio_generate_edit_errors_and_sessions(server, tmp_path):
             page_b.goto(url)
             page_b.wait_for_selector("#gen-prompt textarea", timeout=60000)
             assert page_b.locator("#gen-gallery img").count() == 0
+            assert page_b.locator("#edit-history img").count() == 0
             page_b.fill("#gen-prompt textarea", "a blue circle")
+            page_b.fill("#gen-seed input", "7")
             page_b.click("#gen-run")
             b_srcs = _wait_images(page_b, "#gen-gallery", 2)
-            assert set(b_srcs).isdisjoint(srcs)
+            assert set(b_srcs).isdisjoint(srcs)  # files are named by content: other images
+            _mark("second session generated")
             # the first session still shows its own results; the server is still serving
             page.click("button[role=tab]:has-text('Generate')")
             assert [page.locator("#gen-gallery img").nth(i).get_attribute("src")

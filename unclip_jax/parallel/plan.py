@@ -645,6 +645,8 @@ class PlanReport:
         if self.sample is not None:
             lines += self._cost_lines(self.sample, "sample step", per_image_steps=True)
         verdict = "FITS" if self.fits else "DOES NOT FIT"
+        if self.train is None and self.fits:
+            verdict = "MAY FIT (lower bound only, activations not counted)"
         how = "analytic lower bound, no compile" if self.train is None else (
             "compiled" if self.train.compiled else "compiler refused")
         peak = self.train.peak_bytes if self.train is not None else self.estimate_bytes
@@ -693,11 +695,14 @@ class PlanReport:
             peak = f"{self.train.peak_bytes / GiB:.1f} (OOM)"
         else:
             peak = f">= {self.estimate_bytes / GiB:.1f} (est.)"
+        fits = "yes" if self.fits else "NO"
+        if self.train is None and self.fits:
+            fits = "lower bound fits"
         tf = (f"{self.flops_per_step_total / 1e12:,.0f}" if self.train and self.train.compiled
               else "-")
         t = self.ideal_step_seconds()
         return (f"| {self.config_name} {self.stage} | {self.topology} ({self.accelerator_type}) "
-                f"| {mesh} | {self.batch_size} | {'yes' if self.fits else 'NO'} | {peak} "
+                f"| {mesh} | {self.batch_size} | {fits} | {peak} "
                 f"/ {self.hbm_bytes / GiB:.0f} | {tf} | "
                 f"{'-' if math.isnan(t) else f'{t:.3f}'} | "
                 f"{self.param_bytes_per_device / GiB:.2f} | {self.param_bytes_ideal / GiB:.2f} |")

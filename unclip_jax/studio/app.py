@@ -48,6 +48,7 @@ class StudioDefaults:
     decoder_steps: Optional[int] = None
     sr_steps: Optional[int] = None
     seed: int = 0
+    step_progress: bool = False  # per-step bars (host callbacks: no persistent compile cache)
 
 
 # ------------------------------------------------------------------------------ plumbing
@@ -119,11 +120,21 @@ def _same_picture(a, b, tol: int = 2) -> bool:
     return a.shape == b.shape and int(np.abs(a.astype(np.int16) - b).max()) <= tol
 
 
-def _tracker(progress):
-    """A ProgressBridge that moves the page's progress bar (stage name, step / total)."""
+STAGE_NAMES = {"clip": "CLIP encoding", "prior": "prior", "ar prior": "AR prior",
+               "decoder": "decoder", "sr1": "upsampler 1", "sr2": "upsampler 2",
+               "invert": "DDIM inversion", "embed": "CLIP embedding"}
+
+
+def _tracker(progress, steps: bool):
+    """A ProgressBridge that moves the page's progress bar: the stage running now and, with
+    ``steps``, its step / total."""
     def sink(step, total, name):
-        progress((step, total), desc=name or "working", unit="steps")
-    return H.ProgressBridge(sink)
+        desc = STAGE_NAMES.get(name, name or "working")
+        if steps:
+            progress((step, total), desc=desc, unit="steps")
+        else:
+            progress(None if total <= 0 else min(step / total, 1.0), desc=desc)
+    return H.ProgressBridge(sink, steps=steps)
 
 
 # ------------------------------------------------------------------------------ the app
@@ -166,7 +177,7 @@ class Studio:
 
         prompt = H.check_prompt(prompt)
         self._warn_long([prompt])
-        with _tracker(progress).active():
+        with _tracker(progress, self.defaults.step_progress).active():
             out = text_to_image(
                 self.model, [prompt], _key(seed), num_per_prompt=_int(num),
                 prior_steps=_int(prior_steps), decoder_steps=_int(decoder_steps),
@@ -189,7 +200,7 @@ class Studio:
         if history and _same_picture(history[-1], image):
             image = history[-1]  # the exact pixels this session put on the canvas
         self._warn_long([prompt])
-        with _tracker(progress).active():
+        with _tracker(progress, self.defaults.step_progress).active():
             out = inpaint(self.model, image, mask, prompt, _key(seed), num=_int(num),
                           keep_style=float(keep_style), prior_steps=_int(prior_steps),
                           decoder_steps=_int(decoder_steps), sr_steps=_int(sr_steps),
@@ -230,7 +241,7 @@ class Studio:
         from unclip_jax.pipelines.variations import variations
 
         image = H.check_image(image)
-        with _tracker(progress).active():
+        with _tracker(progress, self.defaults.step_progress).active():
             out = variations(self.model, image, _key(seed), num=_int(num), invert=bool(invert),
                              eta=float(eta) if invert else None,
                              decoder_guidance=float(decoder_guidance),
@@ -247,7 +258,7 @@ class Studio:
 
         a = H.check_image(a, "image A")
         b = H.check_image(b, "image B")
-        with _tracker(progress).active():
+        with _tracker(progress, self.defaults.step_progress).active():
             out = interpolate(self.model, a, b, _key(seed), frames=_int(frames, 2),
                               invert=bool(invert), decoder_guidance=float(decoder_guidance),
                               decoder_steps=_int(decoder_steps), sr_steps=_int(sr_steps),
@@ -271,7 +282,7 @@ class Studio:
         src = H.check_prompt(src, "caption of the image now (from)")
         dst = H.check_prompt(dst, "caption of the edited image (to)")
         self._warn_long([src, dst])
-        with _tracker(progress).active():
+        with _tracker(progress, self.defaults.step_progress).active():
             out = text_diff(self.model, image, src, dst, _key(seed), frames=_int(frames, 2),
                             max_theta=float(max_theta), invert=bool(invert),
                             decoder_guidance=float(decoder_guidance),
@@ -334,7 +345,7 @@ class Studio:
         b, _ = self.basis(upload)
         k = min(_int(k), int(b.num_components))
         dims = default_dims(int(b.num_components)) if strip else [k]
-        with _tracker(progress).active():
+        with _tracker(progress, self.defaults.step_progress).active():
             out = pca_strip(self.model, image, b, dims, _key(seed),
                             decoder_guidance=float(decoder_guidance),
                             decoder_steps=_int(decoder_steps), sr_steps=_int(sr_steps),
@@ -387,8 +398,13 @@ def build_app(model, defaults: Optional[StudioDefaults] = None, out_dir: Optiona
     def select_index(evt: gr.SelectData):
         return evt.index
 
-    with gr.Blocks(title="unclip studio", theme=theme, css=css, analytics_enabled=False,
-                   delete_cache=(3600, 3600)) as demo:
+    with warnings.catch_warnings():
+        # Gradio 5 (pinned < 6) takes theme and css here; 6 moves them to launch()
+        warnings.filterwarnings("ignore", message=".*parameter in the Blocks constructor",
+                                category=DeprecationWarning)
+        demo = gr.Blocks(title="unclip studio", theme=theme, css=css, analytics_enabled=False,
+                         delete_cache=(3600, 3600))
+    with demo:
         gr.Markdown("# unclip studio\nunCLIP (DALL-E 2) in JAX: generate, edit and explore. "
                     f"Model: `{getattr(model, 'source', None) or 'random'}`." + note)
         # per-session results (gr.State values are copied for each browser session)
@@ -407,7 +423,7 @@ def build_app(model, defaults: Optional[StudioDefaults] = None, out_dir: Optiona
                         g_run = gr.Button("Generate", variant="primary", elem_id="gen-run")
                         with gr.Row():
                             g_num = gr.Slider(1, 16, value=defaults.num, step=1, label="Images")
-                            g_seed = seed_box()
+                            g_seed = seed_box(elem_id="gen-seed")
                         with gr.Accordion("Guidance and steps", open=False):
                             g_pg = gr.Slider(0, 20, value=pg, step=0.5, label="Prior guidance")
                             g_dg = gr.Slider(0, 20, value=dg, step=0.5,
@@ -704,6 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sr-steps", type=int, default=None,
                    help="initial upsampler steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="initial seed")
+    p.add_argument("--step-progress", action="store_true",
+                   help="show each sampler step in the progress bar, not just the stage "
+                        "(the samplers then carry a host callback, which JAX's persistent "
+                        "compilation cache cannot reuse: every start compiles them anew)")
     return p
 
 
@@ -741,7 +761,7 @@ def studio_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     defaults = StudioDefaults(num=args.num, prior_steps=args.prior_steps,
                               decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
-                              seed=args.seed)
+                              seed=args.seed, step_progress=args.step_progress)
     demo = build_app(model, defaults)
     try:
         launch(demo, args.host, args.port, args.queue_size)

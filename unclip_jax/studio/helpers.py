@@ -166,12 +166,17 @@ class ProgressBridge:
     caller's ``contextvars`` context, which is where Gradio keeps the running event), so no
     terminal bar is drawn and nothing is shared between events: the studio runs one event at
     a time (queue concurrency 1) and the bar lives only inside ``active()``.
+
+    ``steps=False`` reports stages only: the samplers then get no per-step host callback.
+    A jitted loop with a host callback gets a new persistent-cache key in every process, so
+    with steps on, every server start compiles the samplers anew (minutes on a small CPU).
     """
 
     _swap_lock = threading.Lock()
 
-    def __init__(self, sink: Callable[[int, int, str], None]):
+    def __init__(self, sink: Callable[[int, int, str], None], steps: bool = True):
         self._sink = sink
+        self._steps = steps
         self._ctx = contextvars.copy_context()
         self._lock = threading.Lock()
 
@@ -207,8 +212,14 @@ class ProgressBridge:
 
         with ProgressBridge._swap_lock:
             old = getattr(progress_lib, "tqdm", None)
+            old_callback = progress_lib.callback
             progress_lib.tqdm = self.bar_class()
+            if not self._steps:
+                # stage names only: no host callback inside the jitted loops, which keeps
+                # them cacheable by JAX's persistent compilation cache
+                progress_lib.callback = lambda enabled: None
             try:
                 yield self
             finally:
                 progress_lib.tqdm = old
+                progress_lib.callback = old_callback
