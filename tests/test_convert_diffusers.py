@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 
 from unclip_jax.convert import diffusers_unclip as du  # noqa: E402
 from unclip_jax.convert.hf_clip import CheckpointMismatchError  # noqa: E402
@@ -375,5 +375,10 @@ def test_text_only_conversion_and_missing_components(converted):
     b = du.flatten(converted["model"].params["prior"])
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+    # image-input commands on a text-only model: a clear message, not a missing-param error
+    from unclip_jax.pipelines import stages
+    from unclip_jax.pipelines.model import ModelDirError
+    with pytest.raises(ModelDirError, match="no CLIP image encoder"):
+        stages.encode_image(m, np.zeros((1, 8, 8, 3), np.float32))
     # a dir that is not an UnCLIPPipeline (e.g. a variation pipeline: no prior/)
     assert convert_main(["diffusers", str(root / "variation"), str(root / "bad")]) == 1

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import torch
+import diffusers
 
 import test_convert_diffusers as tcd  # noqa: E402
 

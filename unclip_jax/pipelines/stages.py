@@ -72,6 +72,14 @@ def encode_text(model: UnCLIP, prompts: list[str]) -> TextCondition:
 
 def encode_image(model: UnCLIP, pixels) -> jax.Array:
     """CLIP-normalised ``[B, S, S, 3]`` (S = the CLIP image size) -> ``[B, D]`` embeddings."""
+    if "vision_model" not in model.params["clip"]:
+        from unclip_jax.pipelines.model import ModelDirError
+
+        raise ModelDirError(
+            f"the model {model.source or ''} has no CLIP image encoder (a text-to-image-only "
+            "conversion); convert it again with --image-encoder DIR (an "
+            "UnCLIPImageVariationPipeline) or --clip PATH (HF or OpenAI CLIP)")
+
     def build():
         return jax.jit(lambda p, x: model.clip.apply({"params": p}, x, method="encode_image"))
     return _cached(model, "encode_image", build)(model.params["clip"], jnp.asarray(pixels))
