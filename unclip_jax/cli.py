@@ -208,6 +208,9 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p.add_argument("--out", default=out_default, help="output PNG path")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--step-progress", action="store_true",
+                   help="per-step bars inside the sampling loops (the loops are then compiled "
+                        "anew in every run: JAX cannot cache loops with host callbacks)")
 
 
 def add_steps(p: argparse.ArgumentParser, prior: bool = True) -> None:
@@ -648,6 +651,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from unclip_jax.utils.compile_cache import enable_compilation_cache
 
     enable_compilation_cache()
+    from unclip_jax.pipelines import progress as progress_lib
+
+    progress_lib.set_step_progress(getattr(args, "step_progress", False))
     try:
         with warnings.catch_warnings():
             # the CLI prints its own one-line warning for long prompts

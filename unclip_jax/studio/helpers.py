@@ -218,6 +218,8 @@ class ProgressBridge:
                 # stage names only: no host callback inside the jitted loops, which keeps
                 # them cacheable by JAX's persistent compilation cache
                 progress_lib.callback = lambda enabled: None
+            else:  # per-step bars (--step-progress): the loops report every step
+                progress_lib.callback = lambda enabled: progress_lib.report if enabled else None
             try:
                 yield self
             finally:
