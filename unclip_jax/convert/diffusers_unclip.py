@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from unclip_jax.convert.hf_clip import CheckpointMismatchError, _to_numpy
+from unclip_jax.convert.hf_clip import CheckpointMismatchError, _to_numpy, flatten, unflatten  # noqa: F401
 
 # ----------------------------------------------------------------------------- key accounting
 
@@ -60,24 +60,6 @@ class ConversionReport:
     notes: list = dataclasses.field(default_factory=list)
 
 
-def flatten(tree: Mapping, prefix: tuple = ()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten(flat: Mapping[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = v
-    return out
 
 
 class Mapper:

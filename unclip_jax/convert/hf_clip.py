@@ -204,17 +204,19 @@ def detect_parts(keys: Iterable[str]) -> set[str]:
     return parts
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    """Nested mapping -> {key path tuple: leaf}."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
+            out.update(flatten(v, prefix + (k,)))
         else:
             out[prefix + (k,)] = v
     return out
 
 
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+def unflatten(flat: Mapping[tuple, Any]) -> dict:
+    """{key path tuple: leaf} -> nested dicts (the inverse of ``flatten``)."""
     out: dict = {}
     for path, v in flat.items():
         d = out
@@ -231,7 +233,7 @@ def expected_param_shapes(config: CLIPConfig, parts: Iterable[str]) -> dict[tupl
     parts = set(parts)
     tree = nn.unbox(init_params(config, text="text" in parts, vision="vision" in parts,
                                 abstract=True))
-    flat = {p: tuple(x.shape) for p, x in _flatten(tree).items()}
+    flat = {p: tuple(x.shape) for p, x in flatten(tree).items()}
     keep = {"text": ("text_model",), "text_projection": ("text_projection",),
             "vision": ("vision_model",), "visual_projection": ("visual_projection",),
             "logit_scale": ("logit_scale",)}
@@ -293,7 +295,7 @@ def convert_hf_state_dict(state_dict: Mapping[str, Any], config: CLIPConfig,
         problems.append(f"parameters left unassigned ({len(unassigned)}): {unassigned}")
     if problems:
         raise CheckpointMismatchError("HF CLIP conversion failed:\n  " + "\n  ".join(problems))
-    return _unflatten(flat)
+    return unflatten(flat)
 
 
 def load_hf_clip(path: str, param_dtype: Any = np.float32) -> tuple[dict, CLIPConfig]:
