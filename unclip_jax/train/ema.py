@@ -13,6 +13,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.train.optim import dataclass_from_config
+
 PyTree = Any
 DecayFn = Callable[[jax.Array], jax.Array]
 
@@ -28,16 +30,7 @@ class EmaConfig:
 
     @classmethod
     def from_config(cls, cfg: Union["EmaConfig", Mapping[str, Any], Any]) -> "EmaConfig":
-        if isinstance(cfg, cls):
-            return cfg
-        if hasattr(cfg, "to_dict"):
-            cfg = cfg.to_dict()
-        cfg = dict(cfg)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - fields)
-        if unknown:
-            raise ValueError(f"unknown EMA config fields {unknown}; known: {sorted(fields)}")
-        return cls(**cfg)
+        return dataclass_from_config(cls, cfg, "EMA")
 
 
 def ema_decay_fn(cfg) -> Optional[DecayFn]:

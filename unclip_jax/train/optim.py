@@ -25,6 +25,21 @@ import jax.numpy as jnp
 import optax
 
 
+def dataclass_from_config(cls, cfg, what: str):
+    """``cls`` from an instance, a mapping or an ``ml_collections.ConfigDict``; a key that is
+    not a field of ``cls`` raises ``ValueError`` naming it (``what`` names the config)."""
+    if isinstance(cfg, cls):
+        return cfg
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    cfg = dict(cfg)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise ValueError(f"unknown {what} config fields {unknown}; known: {sorted(fields)}")
+    return cls(**cfg)
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """Optimizer hyper-parameters.
@@ -63,16 +78,7 @@ class OptimizerConfig:
     def from_config(cls, cfg: Union["OptimizerConfig", Mapping[str, Any], Any]
                     ) -> "OptimizerConfig":
         """From an ``OptimizerConfig``, a mapping, or an ``ml_collections.ConfigDict``."""
-        if isinstance(cfg, cls):
-            return cfg
-        if hasattr(cfg, "to_dict"):
-            cfg = cfg.to_dict()
-        cfg = dict(cfg)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - fields)
-        if unknown:
-            raise ValueError(f"unknown optimizer config fields {unknown}; known: {sorted(fields)}")
-        return cls(**cfg)
+        return dataclass_from_config(cls, cfg, "optimizer")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
