@@ -28,8 +28,7 @@ import jax.numpy as jnp
 from unclip_jax.models.layers import (
     Dense,
     LayerNorm,
-    MLP,
-    MultiHeadAttention,
+    Transformer,
     causal_mask,
     partitioned,
 )
@@ -178,47 +177,6 @@ def _activation(hf_name: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
-class CLIPEncoderLayer(nn.Module):
-    """Pre-LN block ``x + attn(ln1(x)); x + mlp(ln2(x))`` with an explicit MLP width (HF's
-    ``intermediate_size`` need not be a multiple of the width). ``[B, L, D] -> [B, L, D]``."""
-
-    num_heads: int
-    intermediate_size: int
-    activation: str = "quick_gelu"
-    ln_epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = LayerNorm(self.ln_epsilon, name="ln1", **kw)(x)
-        x = x + MultiHeadAttention(self.num_heads, name="attn", **kw)(h, mask)
-        h = LayerNorm(self.ln_epsilon, name="ln2", **kw)(x)
-        x = x + MLP(self.intermediate_size, self.activation, name="mlp", **kw)(h)
-        return x
-
-
-class CLIPEncoder(nn.Module):
-    """``num_layers`` ``CLIPEncoderLayer`` s named ``layers_i``. ``[B, L, D] -> [B, L, D]``."""
-
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    activation: str = "quick_gelu"
-    ln_epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
-        for i in range(self.num_layers):
-            x = CLIPEncoderLayer(self.num_heads, self.intermediate_size, self.activation,
-                                 self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 name=f"layers_{i}")(x, mask)
-        return x
-
-
 class CLIPTextTransformer(nn.Module):
     """Causal text transformer (no projection).
 
@@ -249,8 +207,9 @@ class CLIPTextTransformer(nn.Module):
         mask = causal_mask(length)
         if attention_mask is not None:
             mask = jnp.logical_and(mask, jnp.asarray(attention_mask, bool)[:, None, None, :])
-        x = CLIPEncoder(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
-                        _activation(cfg.hidden_act), cfg.layer_norm_eps, dtype=self.dtype,
+        x = Transformer(cfg.num_hidden_layers, cfg.num_attention_heads,
+                        activation=_activation(cfg.hidden_act), ln_epsilon=cfg.layer_norm_eps,
+                        mlp_dim=cfg.intermediate_size, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="encoder")(x, mask)
         states = LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="final_layer_norm")(x)
@@ -305,8 +264,9 @@ class CLIPVisionTransformer(nn.Module):
         x = jnp.concatenate([cls, x], axis=1) + jnp.asarray(pos, self.dtype)[None]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = LayerNorm(cfg.layer_norm_eps, name="pre_layernorm", **kw)(x)
-        x = CLIPEncoder(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
-                        _activation(cfg.hidden_act), cfg.layer_norm_eps, name="encoder", **kw)(x)
+        x = Transformer(cfg.num_hidden_layers, cfg.num_attention_heads,
+                        activation=_activation(cfg.hidden_act), ln_epsilon=cfg.layer_norm_eps,
+                        mlp_dim=cfg.intermediate_size, name="encoder", **kw)(x)
         pooled = LayerNorm(cfg.layer_norm_eps, name="post_layernorm", **kw)(x[:, 0])
         return x, pooled
 
@@ -430,6 +390,6 @@ def init_params(config: CLIPConfig, rng: Optional[Array] = None, *, text: bool =
 
 __all__ = [
     "CLIP", "CLIPConfig", "CLIPTextConfig", "CLIPVisionConfig", "CLIPTextTransformer",
-    "CLIPVisionTransformer", "CLIPEncoder", "CLIPEncoderLayer", "eot_index", "normalize",
+    "CLIPVisionTransformer", "eot_index", "normalize",
     "clip_logits", "contrastive_loss", "init_params",
 ]

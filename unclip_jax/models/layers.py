@@ -199,7 +199,8 @@ class TransformerBlock(nn.Module):
 
     ``__call__(x [B, L, D], mask, deterministic=True) -> [B, L, D]``. ``dropout`` (default 0, off)
     is residual dropout on the attention and MLP outputs; it needs a ``'dropout'`` rng when
-    ``deterministic=False``.
+    ``deterministic=False``. The MLP is ``mlp_dim`` wide when given (HF CLIP's
+    ``intermediate_size``, not always a multiple of the width), else ``mlp_ratio * width``.
     """
 
     num_heads: int
@@ -209,6 +210,7 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     dropout: float = 0.0
+    mlp_dim: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Optional[Array] = None, deterministic: bool = True) -> Array:
@@ -218,14 +220,16 @@ class TransformerBlock(nn.Module):
         h = LayerNorm(self.ln_epsilon, name="ln1", **kw)(x)
         x = x + drop(MultiHeadAttention(self.num_heads, name="attn", **kw)(h, mask))
         h = LayerNorm(self.ln_epsilon, name="ln2", **kw)(x)
-        x = x + drop(MLP(int(width * self.mlp_ratio), self.activation, name="mlp", **kw)(h))
+        hidden = self.mlp_dim or int(width * self.mlp_ratio)
+        x = x + drop(MLP(hidden, self.activation, name="mlp", **kw)(h))
         return x
 
 
 class Transformer(nn.Module):
     """A stack of ``TransformerBlock`` s.
 
-    ``__call__(x [B, L, D], mask, deterministic=True) -> [B, L, D]``; ``dropout`` as in the block.
+    ``__call__(x [B, L, D], mask, deterministic=True) -> [B, L, D]``; ``dropout`` and
+    ``mlp_dim`` as in the block.
     """
 
     num_layers: int
@@ -236,6 +240,7 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     dropout: float = 0.0
+    mlp_dim: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Optional[Array] = None, deterministic: bool = True) -> Array:
@@ -243,6 +248,6 @@ class Transformer(nn.Module):
             x = TransformerBlock(
                 self.num_heads, self.mlp_ratio, self.activation, self.ln_epsilon,
                 dtype=self.dtype, param_dtype=self.param_dtype, dropout=self.dropout,
-                name=f"layers_{i}",
+                mlp_dim=self.mlp_dim, name=f"layers_{i}",
             )(x, mask, deterministic)
         return x
