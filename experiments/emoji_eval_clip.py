@@ -43,4 +43,8 @@ def get_config():
     )
     if "train" in c and "clip" in c.train:
         c.train.clip.seed = int(c.train.clip.get("seed", 0)) + EVAL_SEED_OFFSET
+        # a shorter run than the model's CLIP (it only has to rank captions, and it trains
+        # beside the decoder on the same 2 cores)
+        c.train.clip.total_steps = 300
+        c.train.clip.warmup_steps = 30
     return c

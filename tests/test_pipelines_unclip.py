@@ -201,3 +201,69 @@ def test_inpainting_decoder_gets_image_and_keep_mask(model, images):
     x = stages.sample_decoder(m, jax.random.key(0), jnp.ones((1, 32)), stages.empty_text(m, 1),
                               steps=1, source=src, mask=keep)
     assert x.shape == (1, s, s, 3) and np.isfinite(np.asarray(x)).all()
+
+
+def _with_inpaint_decoder(model):
+    from unclip_jax.models import unet as unet_lib
+
+    icfg = model_lib.inpaint_decoder_config(model.config)
+    params = dict(model.params)
+    params["inpaint"] = nn.meta.unbox(jax.jit(
+        lambda k: unet_lib.init_unet(icfg, k)["params"])(jax.random.key(3)))
+    return model_lib.UnCLIP(model.config, params, random_weights=True)
+
+
+def test_separate_inpainting_decoder_is_used_for_inpainting_only(model, images):
+    """A model with params['inpaint'] samples masked regions with that UNet, exactly as a model
+    whose decoder *is* that inpainting UNet; plain sampling still uses the plain decoder."""
+    import copy
+
+    m = _with_inpaint_decoder(model)
+    assert m.has_inpaint_decoder and not model.has_inpaint_decoder
+    config = copy.deepcopy(model.config)
+    config.decoder.inpaint = True
+    only = model_lib.UnCLIP(config, dict(model.params, decoder=m.params["inpaint"]),
+                            random_weights=True)
+    s = m.decoder_size
+    src = stages.decoder_pixels(m, images[:1])
+    keep = jnp.zeros((1, s, s, 1)).at[:, : s // 2].set(1.0)
+    z, text = jnp.ones((1, 32)), stages.empty_text(m, 1)
+    run = lambda mm, **kw: np.asarray(stages.sample_decoder(  # noqa: E731
+        mm, jax.random.key(0), z, text, steps=2, **kw))
+    np.testing.assert_array_equal(run(m, source=src, mask=keep), run(only, source=src, mask=keep))
+    replaced = run(m, source=src, mask=keep, inpaint_decoder=False)
+    np.testing.assert_array_equal(replaced, run(model, source=src, mask=keep))
+    assert not np.allclose(replaced, run(m, source=src, mask=keep))
+    np.testing.assert_array_equal(run(m), run(model))
+    with pytest.raises(ValueError, match="no inpainting decoder"):
+        run(model, source=src, mask=keep, inpaint_decoder=True)
+
+
+def test_model_dir_bf16_storage_with_inpaint_decoder(model, tmp_path):
+    """bfloat16 storage halves the dir, loads as float32 equal to the bf16-rounded weights
+    (prior buffers and AR prior tables exact), and keeps the inpainting decoder."""
+    import os
+
+    m = _with_inpaint_decoder(model)
+    full = model_lib.save(m, str(tmp_path / "f32"))
+    half = model_lib.save(m, str(tmp_path / "bf16"), storage_dtype="bfloat16")
+    size = lambda p: sum(os.path.getsize(os.path.join(d, f))  # noqa: E731
+                         for d, _, fs in os.walk(os.path.join(p, "params")) for f in fs)
+    assert size(half) < 0.6 * size(full)
+    back = model_lib.load(half)
+    assert back.has_inpaint_decoder and model_lib.read_meta(half)["storage_dtype"] == "bfloat16"
+    for stage in ("decoder", "inpaint", "clip"):
+        for a, b in zip(jax.tree.leaves(m.params[stage]), jax.tree.leaves(back.params[stage])):
+            assert b.dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32), b)
+    for key in ("ar_prior",):
+        for a, b in zip(jax.tree.leaves(m.params[key]), jax.tree.leaves(back.params[key])):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(m.params["prior"]["buffers"]),
+                    jax.tree.leaves(back.params["prior"]["buffers"])):
+        np.testing.assert_array_equal(a, b)
+    f32 = model_lib.load(full)
+    for a, b in zip(jax.tree.leaves(m.params["inpaint"]), jax.tree.leaves(f32.params["inpaint"])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="storage_dtype"):
+        model_lib.save(m, str(tmp_path / "bad"), storage_dtype="float16")

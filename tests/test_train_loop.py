@@ -240,7 +240,7 @@ def test_tfds_reader_feeds_embed_and_clip_training(tmp_path):
                "cyan": (0, 255, 255), "magenta": (255, 0, 255)}
     for name, rgb in colours.items():
         Image.new("RGB", (20, 20), rgb).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(f"a {name} square\n")
+        (folder / f"{name}.txt").write_text(f"a {name} square\nthe colour {name}\n")
     data_dir = str(tmp_path / "data")
     ImageCaptionFolder(folder=str(folder), data_dir=data_dir,
                        config=ImageCaptionConfig(name="s16", image_size=16)).download_and_prepare()
@@ -251,7 +251,19 @@ def test_tfds_reader_feeds_embed_and_clip_training(tmp_path):
                        "--batch-size", "4", "--no-progress"]) == 0
     ds = loop.EmbeddingDataset(out, batch_size=4)
     assert ds.num_examples == 8
-    assert sorted(ds.arrays["caption"]) == sorted(f"a {n} square" for n in colours)
+    options = lambda c: {f"a {c} square", f"the colour {c}"}  # noqa: E731
+    names = sorted(next(n for n in colours if c in options(n)) for c in ds.arrays["caption"])
+    assert names == sorted(colours)  # one example per image, a caption of that image
+    # --passes 3: every image three times, another caption drawn in each pass
+    out3 = str(tmp_path / "emb3")
+    assert embed_main(["--model", FIXTURE_MODEL, "--data", spec, "--out", out3, "--passes", "3",
+                       "--batch-size", "4", "--no-progress"]) == 0
+    ds3 = loop.EmbeddingDataset(out3, batch_size=4)
+    caps = [str(c) for c in ds3.arrays["caption"]]
+    assert ds3.num_examples == 24
+    assert sorted(n for n in colours for c in caps if c in options(n)) == sorted(list(colours) * 3)
+    assert len(set(caps)) > 8  # both captions of some images were drawn
+    np.testing.assert_array_equal(ds3.arrays["image"][:8], ds3.arrays["image"][8:16])
 
     wd = str(tmp_path / "clip")
     data = loop.open_data(spec, "clip", _cfg(), 4, seed=0)
@@ -300,3 +312,32 @@ def test_inpaint_starts_from_decoder_params(tmp_path):
     assert not np.any(k[:, :, 3:])
     _assert_bitwise({n: v for n, v in params.items() if n != "conv_in"},
                     {n: v for n, v in dec.items() if n != "conv_in"})
+
+
+def test_export_cli_writes_a_bf16_model_dir(tmp_path):
+    """`unclip export` from per-stage sources (model dirs work as sources) with bfloat16
+    storage: the dir loads as float32 weights equal to the bf16-rounded source weights."""
+    import jax.numpy as jnp
+
+    from unclip_jax.pipelines import model as model_lib
+    from unclip_jax.train.cli import export_main
+
+    out = str(tmp_path / "m")
+    emb = str(tmp_path / "emb")
+    assert embed_main(["--model", FIXTURE_MODEL, "--data", "synthetic", "--out", emb,
+                       "--max-examples", "12", "--batch-size", "4", "--no-progress"]) == 0
+    srcs = [a for s in ("clip", "prior", "decoder", "sr") for a in (f"--{s}", FIXTURE_MODEL)]
+    assert export_main(["--config", MICRO, "--out", out, "--storage-dtype", "bfloat16",
+                        "--pca-from", emb, *srcs]) == 0
+    m, fixture = model_lib.load(out), model_lib.load(FIXTURE_MODEL)
+    want = loop.EmbeddingDataset(emb, batch_size=1).arrays["image_emb"]
+    np.testing.assert_allclose(m.pca.mean, want.mean(0), rtol=1e-5, atol=1e-6)
+    assert model_lib.read_meta(out)["storage_dtype"] == "bfloat16" and not m.has_inpaint_decoder
+    for a, b in zip(jax.tree.leaves(fixture.params["decoder"]),
+                    jax.tree.leaves(m.params["decoder"])):
+        np.testing.assert_array_equal(np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32), b)
+    with pytest.raises(ConfigError, match="no trained weights"):
+        export_main(["--config", MICRO, "--out", str(tmp_path / "m2"), "--clip", FIXTURE_MODEL])
+    with pytest.raises(ConfigError, match="no such folder"):
+        export_main(["--config", MICRO, "--out", str(tmp_path / "m3"), "--clip",
+                     str(tmp_path / "missing")])

@@ -355,6 +355,7 @@ def cmd_inpaint(args) -> int:
     out = inpaint(model, image, mask, prompt, _key(args), num=args.num,
                   keep_style=args.keep_style, prior=args.prior, prior_steps=args.prior_steps,
                   prior_guidance=args.prior_guidance, jumps=args.jumps, feather=args.feather,
+                  inpaint_decoder=False if (args.replacement or args.jumps) else None,
                   **_decode_args(args))
     path = _to_png(out["images"], args.out)
     _wrote(path, out["images"], t0)
@@ -550,7 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="THETA", help="slerp the prompt's embedding toward the image's "
                                          "own by THETA in [0, 1] (0 = prompt only)")
     p.add_argument("--jumps", type=_positive_int("--jumps", 0), default=0,
-                   help="RePaint resampling jumps (masked replacement sampling only)")
+                   help="RePaint resampling jumps (implies --replacement)")
+    p.add_argument("--replacement", action="store_true",
+                   help="masked replacement sampling with the plain decoder even when the "
+                        "model has an inpainting decoder")
     p.add_argument("--feather", type=_positive_int("--feather", 0), default=0, metavar="PX",
                    help="blend the seam over PX pixels inside the mask")
     add_steps(p)
@@ -601,6 +605,8 @@ DELEGATED = {
               "train a stage: unclip train STAGE --config experiments/X.py --workdir DIR"),
     "embed": ("unclip_jax.train.cli", "embed_main",
               "precompute CLIP embeddings of a dataset for prior / decoder training"),
+    "export": ("unclip_jax.train.cli", "export_main",
+               "write a model dir from trained stages (EMA weights; bfloat16 storage optional)"),
     "convert": ("unclip_jax.convert.cli", "convert_main",
                 "convert diffusers / Karlo unCLIP or HF / OpenAI CLIP weights to a model dir"),
     "plan": ("unclip_jax.parallel.plan", "plan_main",

@@ -6,7 +6,8 @@ PNG), 0 where it is kept; internally the samplers take ``keep = 1 - mask``.
 The masked region is regenerated to follow the prompt: the decoder is conditioned on the caption
 and on the prior's image embedding for it, optionally slerped toward the source image's own
 embedding (``keep_style``: the new object takes the picture's style). The model's inpainting
-decoder is used when it has one (``config.decoder.inpaint``), else masked replacement sampling
+decoder is used when it has one (``UnCLIP.has_inpaint_decoder``, or a decoder config with
+``inpaint``; ``inpaint_decoder=False`` opts out), else masked replacement sampling
 (known region <- q_sample(source, t) every step; RePaint resampling with ``jumps`` > 0). The
 upsamplers also run with masked replacement. Finally the result is resized to the input's size
 and the source is pasted back outside the mask (``feather`` px of blending *inside* the mask),
@@ -63,7 +64,8 @@ def inpaint(model: UnCLIP, image, mask, prompt: str, key, *, num: int = 4,
             keep_style: float = 0.0, prior: str = "diffusion", prior_steps=None,
             prior_guidance: Optional[float] = None, decoder_steps=None,
             decoder_guidance: Optional[float] = None, jumps: int = 0, feather: int = 0,
-            sr_steps=None, progress: bool = False) -> dict:
+            sr_steps=None, inpaint_decoder: Optional[bool] = None,
+            progress: bool = False) -> dict:
     """Inpaint uint8 ``image [H, W, 3]`` where ``mask [H, W]`` is 1 (regenerate), ``num``
     times.
 
@@ -96,7 +98,8 @@ def inpaint(model: UnCLIP, image, mask, prompt: str, key, *, num: int = 4,
     with progress_stage("decoder", progress):
         out["decoder"] = x = stages.ready(stages.sample_decoder(
             model, k_dec, z, text, steps=decoder_steps, guidance=decoder_guidance,
-            source=src, mask=keep, jumps=jumps, progress=progress), progress)
+            source=src, mask=keep, jumps=jumps, inpaint_decoder=inpaint_decoder,
+            progress=progress), progress)
     for i, k in enumerate(jax.random.split(k_sr, len(model.upsamplers))):
         src, keep = known(model.sr_config[i].image_size)
         with progress_stage(f"sr{i + 1}", progress):

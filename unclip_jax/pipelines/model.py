@@ -7,10 +7,15 @@ A *model dir* (what ``--model`` takes) holds
                 config has an ``ar_prior`` section, "ar_prior": {"params", "pca", "quantizer",
                 "dot_quantizer"} (the autoregressive prior with its PCA basis and quantizers)
   tokenizer/    vocab.json + merges.txt (CLIPTokenizer files)
+  params/inpaint  (format 2) optional: the inpainting decoder (``config.decoder`` with
+                ``inpaint=True``; meta ``has_inpaint``), used by ``unclip inpaint``
   pca.npz       optional: PCA basis of the model's CLIP image embeddings (``unclip pca``; made
                 by ``unclip pca-fit``), keys mean [D], basis [D, k], explained_variance [k],
                 total_variance []
 
+Format 2 may store the large weight tensors as bfloat16 (meta ``storage_dtype``; ``save(...,
+storage_dtype='bfloat16')``) to halve the size on disk; ``load`` returns float32 either way. The
+prior's buffers and the AR prior's PCA / quantizer tables always stay float32.
 ``load`` checks the format and version and says exactly what is wrong with a dir that is not
 one of ours. Parameters are plain (unboxed) arrays; ``UnCLIP.modules`` builds the Flax modules.
 """
@@ -37,8 +42,8 @@ from unclip_jax.models import unet as unet_lib
 from unclip_jax.models.tokenizer import DEFAULT_TOKENIZER_DIR
 
 FORMAT = "unclip_jax.model"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # 2: optional inpainting decoder, bfloat16 storage
 META_FILE = "unclip.json"
 PCA_FILE = "pca.npz"
 # keys of config.ar_prior that set sampling defaults rather than ARPriorConfig fields
@@ -74,10 +79,17 @@ class UnCLIP:
         self.prior = prior_lib.DiffusionPrior(self.prior_config)
         self.decoder = unet_lib.UNet(self.decoder_config)
         self.upsamplers = [unet_lib.UNet(s) for s in self.sr_config]
+        # a separate inpainting decoder (decoder config + 4 input channels), when trained
+        self.inpaint_decoder = (unet_lib.UNet(inpaint_decoder_config(c))
+                                if "inpaint" in self.params else None)
         self.ar_prior_config = ar_prior_config(c)
         self.ar_prior = (ar_lib.ARPrior(self.ar_prior_config)
                          if self.ar_prior_config is not None else None)
         self._cache: dict = {}
+
+    @property
+    def has_inpaint_decoder(self) -> bool:
+        return self.inpaint_decoder is not None
 
     @property
     def has_ar_prior(self) -> bool:
@@ -115,6 +127,12 @@ class UnCLIP:
     @property
     def output_size(self) -> int:
         return self.sr_config[-1].image_size if self.sr_config else self.decoder_size
+
+
+def inpaint_decoder_config(config) -> unet_lib.UNetConfig:
+    """The inpainting decoder: the decoder config with ``inpaint=True`` (GLIDE's extra input
+    channels for the masked image and the keep-mask)."""
+    return cfg_lib.decoder_config(config).replace(inpaint=True)
 
 
 def ar_prior_config(config) -> Optional[ar_lib.ARPriorConfig]:
@@ -186,20 +204,46 @@ def init_random(config: ml_collections.ConfigDict, seed: int = 0) -> UnCLIP:
                   source=f"random:{config.get('name', '')}")
 
 
-def _abstract_params(config) -> dict:
-    return jax.eval_shape(lambda: init_random(config).params)
+def _abstract_params(config, inpaint: bool = False) -> dict:
+    tree = jax.eval_shape(lambda: init_random(config).params)
+    if inpaint:
+        tree["inpaint"] = nn.meta.unbox(unet_lib.abstract_params(inpaint_decoder_config(config)))
+    return tree
 
 
-def save(model: UnCLIP, path: str) -> str:
-    """Write ``model`` as a model dir at ``path`` (must not exist or be empty)."""
+STORAGE_DTYPES = ("float32", "bfloat16")
+# subtrees that keep float32 storage whatever storage_dtype says (small, precision-sensitive)
+_FP32_STORED = ("prior/buffers", "ar_prior")
+
+
+def _cast_for_storage(tree: dict, dtype) -> dict:
+    """``tree`` (arrays or ShapeDtypeStructs) with its float32 leaves cast to ``dtype``,
+    except the subtrees in ``_FP32_STORED``."""
+    def cast(path, x):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        if any(name.startswith(p) for p in _FP32_STORED) or x.dtype != jnp.float32:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype)
+        return jnp.asarray(x, dtype)
+    return jax.tree_util.tree_map_with_path(cast, tree)
+
+
+def save(model: UnCLIP, path: str, storage_dtype: str = "float32") -> str:
+    """Write ``model`` as a model dir at ``path`` (must not exist or be empty); weights stored
+    as ``storage_dtype`` ('float32' or 'bfloat16', see the module docstring)."""
     import orbax.checkpoint as ocp
 
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
     path = os.path.abspath(path)
     if os.path.exists(path) and os.listdir(path):
         raise ModelDirError(f"{path} exists and is not empty; choose a new output folder")
     os.makedirs(path, exist_ok=True)
     tree = dict(model.params)
     tree["sr"] = {str(i): p for i, p in enumerate(model.params["sr"])}
+    if storage_dtype != "float32":
+        tree = _cast_for_storage(tree, jnp.dtype(storage_dtype))
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(path, "params"), tree)
     ckptr.wait_until_finished()
@@ -208,7 +252,8 @@ def save(model: UnCLIP, path: str) -> str:
         save_pca(model.pca, os.path.join(path, PCA_FILE))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "config": json.loads(cfg_lib.to_json(model.config)),
-            "random_weights": model.random_weights}
+            "random_weights": model.random_weights, "storage_dtype": storage_dtype,
+            "has_inpaint": model.has_inpaint_decoder}
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     return path
@@ -247,8 +292,14 @@ def load(path: str) -> UnCLIP:
     path = os.path.abspath(path)
     meta = read_meta(path)
     config = ml_collections.ConfigDict(meta["config"])
-    abstract = _abstract_params(config)
+    abstract = _abstract_params(config, inpaint=bool(meta.get("has_inpaint", False)))
     abstract["sr"] = {str(i): p for i, p in enumerate(abstract["sr"])}
+    storage = meta.get("storage_dtype", "float32")
+    if storage not in STORAGE_DTYPES:
+        raise ModelDirError(f"{path}: unknown storage_dtype {storage!r} in {META_FILE} "
+                            f"(this unclip_jax reads {list(STORAGE_DTYPES)})")
+    if storage != "float32":
+        abstract = _cast_for_storage(abstract, jnp.dtype(storage))
     params_dir = os.path.join(path, "params")
     if not os.path.isdir(params_dir):
         raise ModelDirError(f"{path} has no params/ folder; the model dir is incomplete")
@@ -258,6 +309,9 @@ def load(path: str) -> UnCLIP:
         raise ModelDirError(f"parameters in {params_dir} do not match the config in "
                             f"{META_FILE}: {e}") from None
     tree["sr"] = [tree["sr"][str(i)] for i in range(len(tree["sr"]))]
+    if storage != "float32":  # compute in float32 whatever the storage
+        tree = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32)
+                            if x.dtype == jnp.dtype(storage) else x, tree)
     tok = os.path.join(path, "tokenizer")
     pca_path = os.path.join(path, PCA_FILE)
     pca = load_pca(pca_path) if os.path.isfile(pca_path) else None

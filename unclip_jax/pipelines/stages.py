@@ -282,9 +282,10 @@ def sample_image_emb(model: UnCLIP, key, text: TextCondition, *, prior: str = "d
                         guidance=guidance, sampler=sampler, progress=progress)
 
 
-def _decoder_fn(model: UnCLIP):
+def _decoder_fn(model: UnCLIP, inpaint: bool = False):
+    """The guided decoder (``inpaint``: the model's separate inpainting decoder)."""
     def build():
-        dec = model.decoder
+        dec = model.inpaint_decoder if inpaint else model.decoder
         learned = model.decoder_config.learn_sigma
 
         def inner(x, t, params, **kw):
@@ -294,18 +295,22 @@ def _decoder_fn(model: UnCLIP):
             guided = classifier_free_guidance(inner, scale, learned_variance=learned)
             return guided(x, t, params=params, **kw)
         return fn
-    return _cached(model, "decoder_fn", build)
+    return _cached(model, "inpaint_decoder_fn" if inpaint else "decoder_fn", build)
 
 
 def decoder_kwargs(model: UnCLIP, clip_emb, text: Optional[TextCondition], scale: float,
                    drop_clip_cond=False, drop_text_cond=False,
-                   inpaint_image=None, inpaint_mask=None) -> dict:
+                   inpaint_image=None, inpaint_mask=None,
+                   use_inpaint_decoder: bool = False) -> dict:
     """Model kwargs for the guided decoder: rows [conditional B | unconditional B]. The
-    conditional half may itself drop the CLIP emb or the caption (ablations; bool or [B])."""
+    conditional half may itself drop the CLIP emb or the caption (ablations; bool or [B]).
+    ``use_inpaint_decoder``: kwargs for the model's separate inpainting decoder."""
     b = clip_emb.shape[0]
     cfg = model.decoder_config
+    takes_mask = cfg.inpaint or use_inpaint_decoder
     flags = lambda f: jnp.broadcast_to(jnp.asarray(f, bool), (b,))  # noqa: E731
-    kw = dict(params=model.params["decoder"], scale=jnp.float32(scale),
+    kw = dict(params=model.params["inpaint" if use_inpaint_decoder else "decoder"],
+              scale=jnp.float32(scale),
               clip_emb=_twice(jnp.asarray(clip_emb, jnp.float32)),
               drop_clip=jnp.concatenate([flags(drop_clip_cond), jnp.ones((b,), bool)]),
               drop_text=jnp.concatenate([flags(drop_text_cond), jnp.ones((b,), bool)]))
@@ -326,7 +331,7 @@ def decoder_kwargs(model: UnCLIP, clip_emb, text: Optional[TextCondition], scale
             kw.update(text_emb=pick(empty.emb, text.emb),
                       text_states=pick(empty.states, text.states),
                       text_mask=pick(empty.mask, text.mask), drop_text=jnp.zeros((2 * b,), bool))
-    if cfg.inpaint:
+    if takes_mask:
         if inpaint_image is None:
             raise ValueError("inpainting decoder: pass inpaint_image and inpaint_mask")
         kw.update(inpaint_image=_twice(jnp.asarray(inpaint_image, jnp.float32)),
@@ -338,23 +343,30 @@ def sample_decoder(model: UnCLIP, key, clip_emb, text: Optional[TextCondition], 
                    guidance: Optional[float] = None, sampler: Optional[str] = None,
                    eta: float = 0.0, x_T=None, source=None, mask=None, jumps: int = 0,
                    drop_clip_cond: bool = False, drop_text_cond: bool = False,
-                   progress: bool = False) -> jax.Array:
-    """CLIP image embeddings ``[B, D]`` (+ captions) -> 64x64 (decoder size) images
-    ``[B, S, S, 3]`` in [-1, 1]. ``source``/``mask`` ([B, S, S, 3] / [B, S, S, 1], 1 = keep)
-    turn on inpainting: the inpainting decoder when the model has one, else masked replacement
-    sampling (RePaint resampling with ``jumps`` > 0)."""
+                   inpaint_decoder: Optional[bool] = None, progress: bool = False) -> jax.Array:
+    """CLIP image embeddings ``[B, D]`` (+ captions) -> decoder-size images ``[B, S, S, 3]``
+    in [-1, 1]. ``source``/``mask`` ([B, S, S, 3] / [B, S, S, 1], 1 = keep) turn on
+    inpainting: the inpainting decoder when the model has one (``inpaint_decoder=False``
+    forces replacement sampling), else masked replacement sampling (RePaint resampling with
+    ``jumps`` > 0)."""
     o = model.stage_options("decoder")
     scale = float(o.guidance if guidance is None else guidance)
     diffusion = model.diffusion("decoder", steps if steps is not None else o.sample_steps)
     b, s = clip_emb.shape[0], model.decoder_size
-    inpaint_model = model.decoder_config.inpaint
+    separate = (source is not None and model.has_inpaint_decoder
+                and inpaint_decoder is not False)
+    if inpaint_decoder and source is not None and not separate:
+        raise ValueError("this model has no inpainting decoder; leave inpaint_decoder unset "
+                         "to use masked replacement sampling")
+    inpaint_model = model.decoder_config.inpaint or separate
     kw = decoder_kwargs(model, clip_emb, text, scale, drop_clip_cond, drop_text_cond,
                         inpaint_image=source if inpaint_model else None,
-                        inpaint_mask=mask if inpaint_model else None)
+                        inpaint_mask=mask if inpaint_model else None,
+                        use_inpaint_decoder=separate)
     replace = source is not None and not inpaint_model
     if replace:
         mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), (b, s, s, 3))
-    return run_sampler(diffusion, _decoder_fn(model), (b, s, s, 3), key, kw,
+    return run_sampler(diffusion, _decoder_fn(model, inpaint=separate), (b, s, s, 3), key, kw,
                        sampler=sampler or o.sampler, eta=eta, x_T=x_T,
                        source=jnp.asarray(source, jnp.float32) if replace else None,
                        mask=mask if replace else None, jumps=jumps if replace else 0,

@@ -8,6 +8,11 @@
         train.inpaint.init_from is 'decoder'), each in DIR/STAGE, and exports DIR/model.
     unclip embed (--model DIR | --config X.py --clip-workdir DIR) --data SPEC --out DIR
                  [--max-examples N] [--batch-size N] [--image-size N]
+    unclip export --config X.py --workdir DIR --out MODEL_DIR [--STAGE DIR ...]
+                 [--storage-dtype bfloat16]
+        Writes the EMA weights of the stages trained in DIR/{clip,prior,decoder,sr,inpaint}
+        (or the dirs given per stage) as a model dir; storage dtype default: the config's
+        ``storage_dtype`` (float32 when absent).
 
 Overrides take their type from the existing config value (``--config.train.prior.batch_size=16``,
 ``--config.train.sr.blur_sigma=(0.3,0.5)``, ``--config.dtype=bfloat16``); unknown keys raise
@@ -208,7 +213,8 @@ def _train_all(config, args, progress: bool) -> int:
     out = os.path.join(wd, "model")
     if not os.path.isfile(os.path.join(out, "unclip.json")):
         n_sr = len(cfg_lib.sr_configs(config))
-        export_model(config, workdirs, out, allow_random=n_sr > 1)
+        export_model(config, workdirs, out, allow_random=n_sr > 1,
+                     storage_dtype=config.get("storage_dtype", "float32"))
     _say(f"all stages trained; model dir: {out}")
     return 0
 
@@ -233,6 +239,9 @@ def _embed_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None,
                    help="examples to embed (default: the dataset's size, if it knows it)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--passes", type=int, default=1,
+                   help="passes over the data; each draws another caption per image (tfds "
+                        "data), so the prior sees several captions of each image")
     p.add_argument("--image-size", type=int, default=None,
                    help="store images at this size (default: the largest decoder / upsampler "
                         "size of the config)")
@@ -275,7 +284,10 @@ def embed_main(argv: Optional[Sequence[str]] = None) -> int:
                                              clip_workdir=args.clip_workdir)
     except ExportError as e:
         raise ConfigError(str(e)) from None
-    src = open_data(args.data, "clip", config, args.batch_size, seed=args.seed, one_pass=True)
+    if args.passes < 1:
+        raise ConfigError(f"--passes must be >= 1, got {args.passes}")
+    src = open_data(args.data, "clip", config, args.batch_size, seed=args.seed, one_pass=True,
+                    passes=args.passes)
     n = args.max_examples or getattr(src, "num_examples", None)
     if not n:
         raise ConfigError(f"--data {args.data}: the dataset does not say how many examples it "
@@ -290,6 +302,67 @@ def embed_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="unclip export",
+        description="Write a model dir (what --model takes) from trained stages.")
+    p.add_argument("--config", required=True, help="the config the stages were trained with")
+    p.add_argument("--workdir", default=None,
+                   help="folder holding clip/ prior/ decoder/ sr/ [inpaint/] train workdirs")
+    for s in ("clip", "prior", "decoder", "sr", "inpaint"):
+        p.add_argument(f"--{s}", default=None, metavar="DIR",
+                       help=f"{s} train workdir or model dir (default: WORKDIR/{s})")
+    p.add_argument("--out", required=True, help="new model dir")
+    p.add_argument("--storage-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="dtype of the stored weights (default: config.storage_dtype or float32)")
+    p.add_argument("--pca-from", default=None, metavar="EMB_DIR",
+                   help="also ship a PCA basis of the CLIP image embeddings of this `unclip "
+                        "embed` dir (pca.npz: `unclip pca` then needs no --basis)")
+    return p
+
+
+def export_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``unclip export``; returns the exit code (ConfigError for a missing stage)."""
+    import numpy as np
+
+    from unclip_jax.config import ConfigError
+    from unclip_jax.train.export import ExportError, export_model
+
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = _export_parser().parse_args(rest)
+    config = load_config(args.config, overrides)
+    workdirs = {}
+    for s in ("clip", "prior", "decoder", "sr", "inpaint"):
+        d = getattr(args, s) or (os.path.join(args.workdir, s) if args.workdir else None)
+        if d and os.path.isdir(d):
+            workdirs[s] = d
+        elif getattr(args, s):
+            raise ConfigError(f"--{s} {getattr(args, s)}: no such folder")
+    dtype = args.storage_dtype or config.get("storage_dtype", "float32")
+    emb = None
+    if args.pca_from:
+        from unclip_jax.train.loop import EmbeddingDataset
+
+        try:
+            ds = EmbeddingDataset(args.pca_from, batch_size=1, keys=("image_emb",))
+        except FileNotFoundError as e:
+            raise ConfigError(f"--pca-from: {e}") from None
+        emb = ds.arrays["image_emb"]
+    try:
+        out = export_model(config, workdirs, args.out, storage_dtype=dtype)
+    except ExportError as e:
+        raise ConfigError(str(e)) from None
+    if emb is not None:
+        from unclip_jax.pipelines.model import PCA_FILE, save_pca
+        from unclip_jax.pipelines.pca import fit_basis
+
+        # unique rows: an embed with --passes N repeats every image N times
+        save_pca(fit_basis(np.unique(emb, axis=0)), os.path.join(out, PCA_FILE))
+    _say(f"wrote model dir {out} (stages: {', '.join(sorted(workdirs))}; weights stored as "
+         f"{dtype})")
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     cmd, *rest_argv = sys.argv[1:]
-    sys.exit({"train": train_main, "embed": embed_main}[cmd](rest_argv))
+    sys.exit({"train": train_main, "embed": embed_main, "export": export_main}[cmd](rest_argv))

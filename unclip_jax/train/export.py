@@ -5,9 +5,9 @@ the *EMA* params of each stage's latest checkpoint in the UnCLIP model-dir forma
 (``pipelines.model.save``); a stage without a workdir keeps random init only with
 ``allow_random=True`` (the dir is then marked ``random_weights``), else ``ExportError``. A value
 may also be a model dir, whose params for that stage are copied. ``sr`` may be given as
-``sr`` (upsampler 0) or ``sr0``, ``sr1``, ... An ``inpaint`` workdir is written beside the
-model as ``inpaint_params/`` (orbax) + ``inpaint.json``; ``load_inpaint_params`` reads it (the
-model-dir format has no inpainting decoder yet).
+``sr`` (upsampler 0) or ``sr0``, ``sr1``, ... An ``inpaint`` workdir becomes the model's
+inpainting decoder (``params['inpaint']``, used by ``unclip inpaint``). ``storage_dtype=
+'bfloat16'`` halves the size on disk (the shipped model).
 
 ``embed_batches`` / ``embed_dataset``: CLIP image embedding, text embedding, token states and
 mask of every example of a data source, once, for prior / decoder training.
@@ -28,8 +28,6 @@ from unclip_jax.checkpoint import Checkpointer
 from unclip_jax.train.losses import build_stage, clip_pixels
 
 PyTree = Any
-INPAINT_DIR = "inpaint_params"
-INPAINT_META = "inpaint.json"
 
 
 class ExportError(ValueError):
@@ -59,10 +57,9 @@ def load_stage_params(config, stage: str, path: str, *, ema: bool = True,
         from unclip_jax.pipelines import model as model_lib
 
         m = model_lib.load(path)
-        key = {"inpaint": None}.get(stage, stage)
-        if key is None:
-            return load_inpaint_params(path)
-        return m.params["sr"][sr_index] if stage == "sr" else m.params[key]
+        if stage == "inpaint" and not m.has_inpaint_decoder:
+            raise ExportError(f"{path} has no inpainting decoder")
+        return m.params["sr"][sr_index] if stage == "sr" else m.params[stage]
     st = build_stage(stage, config, sr_index=sr_index)
     ckpt = Checkpointer(path, save_every=1 << 30, keep_last=None)
     try:
@@ -132,7 +129,8 @@ def _sr_workdirs(workdirs: Mapping[str, str], n_sr: int) -> dict[int, str]:
 
 
 def export_model(config, workdirs: Mapping[str, str], out_dir: str, *,
-                 allow_random: bool = False, seed: int = 0, ema: bool = True) -> str:
+                 allow_random: bool = False, seed: int = 0, ema: bool = True,
+                 storage_dtype: str = "float32") -> str:
     """Write a model dir at ``out_dir`` from the trained stages in ``workdirs`` (stage -> train
     workdir or model dir). See the module docstring. Returns ``out_dir``."""
     from unclip_jax.pipelines import model as model_lib
@@ -161,13 +159,12 @@ def export_model(config, workdirs: Mapping[str, str], out_dir: str, *,
     for i, d in sr_dirs.items():
         params["sr"][i] = load_stage_params(config, "sr", d, ema=ema, sr_index=i)
     _check_shapes(config, params)
+    if workdirs.get("inpaint"):
+        params["inpaint"] = load_stage_params(config, "inpaint", workdirs["inpaint"], ema=ema)
     model = model_lib.UnCLIP(config, params, tokenizer_dir=cfg_lib.tokenizer_dir(config),
                              random_weights=bool(missing),
                              source=f"export:{','.join(sorted(workdirs))}")
-    model_lib.save(model, out_dir)
-    if workdirs.get("inpaint"):
-        save_inpaint_params(out_dir, load_stage_params(config, "inpaint", workdirs["inpaint"],
-                                                       ema=ema))
+    model_lib.save(model, out_dir, storage_dtype=storage_dtype)
     if missing:
         with open(os.path.join(out_dir, "random_stages.json"), "w") as f:
             json.dump({"random_stages": missing}, f)
@@ -190,39 +187,6 @@ def _check_shapes(config, params) -> None:
             raise ExportError(f"{stage}: the weights do not fit the export config (e.g. "
                               f"{diff[:3]}: {[gs.get(k) for k in diff[:3]]} vs config "
                               f"{[ws.get(k) for k in diff[:3]]})")
-
-
-def save_inpaint_params(model_dir: str, params: PyTree) -> None:
-    import orbax.checkpoint as ocp
-
-    ck = ocp.StandardCheckpointer()
-    ck.save(os.path.join(os.path.abspath(model_dir), INPAINT_DIR), params)
-    ck.wait_until_finished()
-    with open(os.path.join(model_dir, INPAINT_META), "w") as f:
-        json.dump({"format": "unclip_jax.inpaint", "format_version": 1,
-                   "unet": "config.decoder with inpaint=True"}, f)
-
-
-def load_inpaint_params(model_dir: str) -> PyTree:
-    """The inpainting UNet params written by ``export_model`` (config: the model's decoder config
-    with ``inpaint=True``, ``losses.inpaint_config``)."""
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    from unclip_jax.models import unet as unet_lib
-    from unclip_jax.pipelines.model import read_meta
-    from unclip_jax.train.losses import inpaint_config
-
-    model_dir = os.path.abspath(model_dir)
-    path = os.path.join(model_dir, INPAINT_DIR)
-    if not os.path.isdir(path):
-        raise ExportError(f"{model_dir} has no inpainting decoder ({INPAINT_DIR}/)")
-    config = ml_collections.ConfigDict(read_meta(model_dir)["config"])
-    abstract = nn.meta.unbox(unet_lib.abstract_params(inpaint_config(config)))
-    return ocp.StandardCheckpointer().restore(path, abstract)
-
-
-# ------------------------------------------------------------------------------ embeddings
 
 
 def load_clip_params(config, model: Optional[str] = None, clip_workdir: Optional[str] = None,
@@ -302,5 +266,5 @@ def embed_dataset(clip_cfg, clip_params, batches: Iterable[dict], out_dir: str, 
         meta=meta, shard_size=shard_size)
 
 
-__all__ = ["export_model", "load_stage_params", "load_inpaint_params", "save_inpaint_params",
+__all__ = ["export_model", "load_stage_params",
            "load_clip_params", "embed_batches", "embed_dataset", "ExportError"]

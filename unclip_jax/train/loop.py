@@ -362,7 +362,7 @@ def write_embeddings(out_dir: str, batches, meta: Optional[dict] = None,
 
 
 def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0,
-              one_pass: bool = False) -> DataSource:
+              one_pass: bool = False, passes: int = 1) -> DataSource:
     """A data source from a command-line string.
 
     * ``synthetic`` / ``synthetic:SIZE``: ``SyntheticSource`` (with embeddings for prior /
@@ -373,7 +373,8 @@ def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0,
       dataset (images in [-1, 1], one caption drawn per example).
 
     ``one_pass``: a finite, unshuffled pass over the data keeping the last partial batch (for
-    ``unclip embed``).
+    ``unclip embed``); ``passes`` > 1 repeats it (tfds data: another caption is drawn for
+    each example in each pass).
     """
     if spec.startswith("synthetic"):
         size = int(spec.split(":", 1)[1]) if ":" in spec else _default_image_size(config, stage)
@@ -399,7 +400,7 @@ def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0,
                 pass
         kw = dict(seed=seed)
         if one_pass:
-            kw.update(num_epochs=1, shuffle=False, drop_remainder=False)
+            kw.update(num_epochs=max(1, int(passes)), shuffle=False, drop_remainder=False)
         try:
             reader = pipeline_lib.make_reader(name, split or "train", batch_size,
                                               data_dir=data_dir or None, **kw)
@@ -407,7 +408,7 @@ def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0,
             raise cfg_lib.ConfigError(f"--data {spec}: cannot open tfds dataset {name!r} "
                                       f"(split {split or 'train'!r}, data_dir "
                                       f"{data_dir or 'default'!r}): {e}") from None
-        reader.num_examples = reader.per_shard
+        reader.num_examples = reader.per_shard * (max(1, int(passes)) if one_pass else 1)
         return reader
     raise cfg_lib.ConfigError(
         f"--data {spec!r}: use 'synthetic[:SIZE]', an embeddings dir (from `unclip embed`), or "
