@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
                             total_steps=2_000)
     c.train.sr = train(crop_size=32, blur_sigma=(0.4, 0.6), blur_kernel=5, learning_rate=3e-4,
                        warmup_steps=50, total_steps=800)
-    c.train.inpaint = train(vlb_weight=0.001, init_from="decoder", total_steps=300,
+    c.train.inpaint = train(vlb_weight=0.001, init_from="decoder", total_steps=200,
                             warmup_steps=30, learning_rate=1e-4, mask_min_frac=0.2,
                             mask_max_frac=0.6, mask_p_keep_all=0.0)
     return c

@@ -202,6 +202,18 @@ def test_studio_generate_edit_errors_and_sessions(server, tmp_path):
             page.screenshot(path=str(DOCS / "studio_generate.png"))
 
             _mark("generated")
+            # ---- "send to": the second generated image becomes the Variations input, whose
+            # variations then run from it
+            page.locator("#gen-gallery img").nth(1).click()
+            page.keyboard.press("Escape")
+            page.click("#gen-to-vary")
+            sent = _wait_images(page, "#vary-image", 1, timeout=60)[0]
+            np.testing.assert_array_equal(_png(page, sent), gen[1])
+            page.click("#vary-run")
+            assert len(_wait_images(page, "#vary-gallery", 2)) == 2
+            page.click("button[role=tab]:has-text('Generate')")
+
+            _mark("sent to Variations and varied")
             # ---- bad input: an empty prompt gives a message in the page, no traceback
             page.fill("#gen-prompt textarea", "   ")
             page.click("#gen-run")

@@ -341,3 +341,39 @@ def test_export_cli_writes_a_bf16_model_dir(tmp_path):
     with pytest.raises(ConfigError, match="no such folder"):
         export_main(["--config", MICRO, "--out", str(tmp_path / "m3"), "--clip",
                      str(tmp_path / "missing")])
+
+
+def _read_tb_scalars(logdir: str) -> dict:
+    """{(tag, step): value} from the TFRecord event files under ``logdir`` (framing: u64 length,
+    u32 crc, payload, u32 crc), parsed with tensorboardX's Event protobuf."""
+    import glob
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in ev.summary.value:
+                out[(v.tag, ev.step)] = v.simple_value
+    return out
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+    w = loop.MetricsWriter(str(tmp_path), console=False)
+    w.write({"step": 25, "loss": 0.5, "lr": 1e-4, "grad_norm": 2.0, "images_per_sec": 90.0})
+    w.write({"step": 50, "loss": 0.25, "lr": 2e-4, "grad_norm": float("nan")})
+    w.close()
+    with open(tmp_path / loop.METRICS_FILE) as f:
+        recs = [json.loads(line) for line in f]
+    assert recs[0]["loss"] == 0.5 and recs[1]["grad_norm"] == "nan"
+    tb = _read_tb_scalars(str(tmp_path / "tensorboard"))
+    assert tb[("loss", 25)] == 0.5 and tb[("loss", 50)] == 0.25
+    assert tb[("images_per_sec", 25)] == 90.0 and tb[("lr", 50)] == pytest.approx(2e-4)
+    assert ("grad_norm", 50) not in tb  # non-finite values stay out of TensorBoard
