@@ -690,7 +690,9 @@ def _sender(convert, settle_s: float = 0.0):
         im = np.asarray(H.pick(results, index))
         if settle_s:
             time.sleep(settle_s)
-        return convert(im)
+        out = convert(im)
+        # Gradio unpacks a returned tuple only for several outputs: one output gets the value
+        return out[0] if len(out) == 1 else out
     return send
 
 
