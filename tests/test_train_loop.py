@@ -207,6 +207,18 @@ def test_train_cli(tmp_path):
     with pytest.raises(ConfigError, match="train.learning_rate"):
         train_main(["prior", "--config", MICRO, "--workdir", wd, "--steps", "4",
                     "--config.train.prior.learning_rate=0.5", "--no-progress"])
+    with pytest.raises(ConfigError, match="diffusion.schedule"):
+        train_main(["prior", "--config", MICRO, "--workdir", wd, "--steps", "4",
+                    "--config.diffusion.prior.schedule=linear", "--no-progress"])
+    # ... but sampling-only defaults (guidance, sampler, steps) may change: resume and export
+    new_sampling = ["--config.diffusion.prior.guidance=2.5",
+                    "--config.diffusion.prior.sampler=ddim",
+                    "--config.diffusion.prior.sample_steps=7"]
+    assert train_main(["prior", "--config", MICRO, "--workdir", wd, "--steps", "4",
+                       "--data", "synthetic", "--no-progress", *new_sampling]) == 0
+    assert sorted(int(d) for d in os.listdir(wd) if d.isdigit())[-1] == 4
+    other = _cfg(**{"diffusion.prior.guidance": "2.5", "diffusion.prior.sampler": "ddim"})
+    export_lib.load_stage_params(other, "prior", wd)
     c = _cfg()
     c.train.prior.bogus = 1
     with pytest.raises(ConfigError, match="unknown key"):

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -143,17 +143,21 @@ class Checkpointer:
       keep_last: keep the newest N checkpoints (None keeps all).
       async_save: write in a background thread (orbax async checkpointing).
       config: the run's config; stored with every checkpoint and compared on restore.
+      comparable: maps a stored / current config to the part that must match on restore
+        (default: all of it), e.g. to leave out sampling-only settings.
       min_replica_parallel_bytes: replicated arrays are written from all their replicas in
         parallel only when each slice is at least this big (None: orbax's default, always).
     """
 
     def __init__(self, workdir: str, save_every: int = 1000, keep_last: Optional[int] = 3,
                  async_save: bool = True, config: Any = None,
-                 min_replica_parallel_bytes: Optional[int] = 1 << 20):
+                 min_replica_parallel_bytes: Optional[int] = 1 << 20,
+                 comparable: Optional[Callable[[dict], dict]] = None):
         self.workdir = os.path.abspath(workdir) if "://" not in str(workdir) else str(workdir)
         self.save_every = int(save_every)
         self.keep_last = keep_last
         self.config = config_to_json(config)
+        self._comparable = comparable or (lambda c: c)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, self.save_every),
             max_to_keep=keep_last,
@@ -266,8 +270,11 @@ class Checkpointer:
         step = self._resolve_step(step)
         custom = self.metadata(step)
         stored_config = custom.get("config")
-        if check_config and self.config is not None and stored_config != self.config:
-            diffs = config_diff(stored_config, self.config)
+        if check_config and self.config is not None and (
+                stored_config is None
+                or self._comparable(stored_config) != self._comparable(self.config)):
+            diffs = config_diff(stored_config and self._comparable(stored_config),
+                                self._comparable(self.config))
             raise ConfigMismatchError(
                 f"config of checkpoint {self.step_path(step)} differs from this run's config "
                 f"(stored -> now): {'; '.join(diffs) if diffs else 'stored config missing'}. "

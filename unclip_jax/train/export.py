@@ -35,7 +35,9 @@ class ExportError(ValueError):
 
 
 def _model_keys(cfg_json: Optional[dict]) -> dict:
-    return {k: v for k, v in (cfg_json or {}).items() if k not in ("train",)}
+    from unclip_jax.train.loop import training_identity
+
+    return training_identity({k: v for k, v in (cfg_json or {}).items() if k not in ("train",)})
 
 
 def _is_model_dir(path: str) -> bool:

@@ -153,6 +153,19 @@ def train_config(config, stage: str) -> TrainConfig:
     return tc
 
 
+# diffusion settings that only choose sampling defaults: a trained stage does not depend on them
+SAMPLING_KEYS = ("sample_steps", "sampler", "guidance", "num_candidates")
+
+
+def training_identity(cfg_json: dict) -> dict:
+    """A ``stage_config_json`` without the sampling-only diffusion keys: what must match to
+    resume a run or export its weights under another config."""
+    out = dict(cfg_json)
+    if isinstance(out.get("diffusion"), dict):
+        out["diffusion"] = {k: v for k, v in out["diffusion"].items() if k not in SAMPLING_KEYS}
+    return out
+
+
 def stage_config_json(config, stage: str) -> dict:
     """The part of ``config`` that defines a stage's run (model sections, its diffusion section,
     ``dtype`` and ``train.<stage>`` minus ``VOLATILE_KEYS``): stored with each checkpoint and
@@ -544,7 +557,7 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
     abstract = jax.eval_shape(init_fn, rng)
     shardings = param_shardings(abstract, mesh)
     ckpt = Checkpointer(workdir, save_every=tc.save_every, keep_last=tc.keep_last,
-                        config=stage_config_json(config, stage))
+                        config=stage_config_json(config, stage), comparable=training_identity)
     frozen = _initial_frozen(st, data)
     frozen_sh = jax.tree.map(lambda _: jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()), frozen)
