@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
         base = dict(batch_size=32, learning_rate=2e-4, warmup_steps=500, total_steps=20_000,
                     weight_decay=0.0, grad_clip_norm=1.0, accum_steps=1, ema_decay=0.999,
                     ema_warmup=True, save_every=250, keep_last=2, log_every=25,
-                    max_nonfinite=10, seed=0, mesh=dict(data=-1, fsdp=1, tensor=1))
+                    max_nonfinite=10, seed=0, mesh=dict(data=-1, fsdp=1, tensor=1),
+                    init_from="")  # a model dir / workdir to continue from (e.g. the shipped model)
         base.update(kw)
         return base
 

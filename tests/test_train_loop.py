@@ -389,3 +389,21 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
     assert tb[("loss", 25)] == 0.5 and tb[("loss", 50)] == 0.25
     assert tb[("images_per_sec", 25)] == 90.0 and tb[("lr", 50)] == pytest.approx(2e-4)
     assert ("grad_norm", 50) not in tb  # non-finite values stay out of TensorBoard
+
+
+def test_init_from_a_model_dir_continues_from_its_weights(tmp_path):
+    """train.STAGE.init_from (a model dir or workdir): params and EMA start at its weights."""
+    from unclip_jax.pipelines import model as model_lib
+
+    cfg = _cfg()
+    cfg.train.prior.init_from = FIXTURE_MODEL
+    res = train("prior", cfg, str(tmp_path / "p"), _src(), steps=0, progress=False,
+                console=False)
+    want = model_lib.load(FIXTURE_MODEL).params["prior"]["params"]
+    _assert_bitwise(_host(res.state.params), want)
+    _assert_bitwise(_host(res.state.ema_params), want)
+    bad = _cfg(**{"prior.width": "32"})
+    bad.train.prior.init_from = FIXTURE_MODEL
+    with pytest.raises(Exception, match="prior"):
+        train("prior", bad, str(tmp_path / "q"), _src(), steps=0, progress=False,
+              console=False)

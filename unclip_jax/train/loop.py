@@ -35,6 +35,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,10 +77,10 @@ COMMON_KEYS = {
     "end_lr_ratio", "init_lr_ratio",
 }
 STAGE_KEYS = {
-    "clip": set(),
-    "prior": set(),
-    "decoder": {"vlb_weight"},
-    "sr": {"crop_size", "blur_sigma", "blur_kernel", "index"},
+    "clip": {"init_from"},
+    "prior": {"init_from"},
+    "decoder": {"vlb_weight", "init_from"},
+    "sr": {"crop_size", "blur_sigma", "blur_kernel", "index", "init_from"},
     "inpaint": {"vlb_weight", "init_from", "mask_min_frac", "mask_max_frac", "mask_p_keep_all"},
 }
 # Keys that may change between a run and its resume (not compared with the checkpoint's config).
@@ -522,11 +523,13 @@ def _checkpoint_tree(state, frozen):
     return {"train": state, "frozen": frozen} if jax.tree.leaves(frozen) else {"train": state}
 
 
-def _load_init_params(config, path: str, stage: str = "decoder"):
-    """Decoder params for ``train.inpaint.init_from``: a model dir or a decoder workdir (EMA)."""
+def _load_init_params(config, path: str, stage: str = "decoder", sr_index: int = 0):
+    """Params of ``stage`` for ``train.<stage>.init_from``: a model dir or a train workdir of
+    that stage (its EMA params). The inpainting decoder starts from decoder params."""
     from unclip_jax.train import export as export_lib
 
-    return export_lib.load_stage_params(config, stage, path)
+    params = export_lib.load_stage_params(config, stage, path, sr_index=sr_index)
+    return params["params"] if stage == "prior" else params
 
 
 def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional[int] = None,
@@ -582,6 +585,23 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
             params = jax.device_put(params, shardings.params)
             state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params)
                                   if use_ema else None)
+        elif init_from:
+            # continue from trained weights (a shipped model dir, another run): params and EMA
+            # start there; optimizer state, step and schedule start afresh
+            params = _load_init_params(config, init_from, stage,
+                                       sr_index=int(tc.extra.get("index", 0) or 0))
+            want = jax.tree.map(lambda x: x.shape, nn.meta.unbox(state.params))
+            got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+            if want != got:
+                raise ValueError(f"train.{stage}.init_from {init_from}: its {stage} weights do "
+                                 "not fit this config")
+            params = jax.device_put(jax.tree.map(
+                lambda p, x: jnp.asarray(p, x.dtype), params, nn.meta.unbox(state.params)),
+                shardings.params)
+            state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params)
+                                  if use_ema else None)
+        if init_from:
+            log.info("initialised %s from %s", stage, init_from)
     start = int(state.step)
 
     pure_step = make_train_step(st.make_loss(frozen), optimizer, tc.ema() if use_ema else None,
