@@ -2,9 +2,27 @@
 
 Data: tfds `emoji_dataset` (Google + Twitter emoji 16.0.0, 64x64, several captions per image;
 ~10% of base concepts held out as `test`). Sizes are chosen so that the four stages train on a
-2-core CPU in a few hours and the EMA weights of everything shipped fit in <= 30 MB as bf16.
+2-core CPU in about 1.5 hours and the EMA weights of everything shipped fit in <= 30 MB as bf16.
 Captions use a small BPE vocabulary learned from the emoji captions
 (unclip_jax/assets/emoji_tokenizer).
+
+The shipped model (unclip_jax/assets/emoji_model) was trained with this file, one stage after
+another on 2 CPU cores (DATA = tfds:emoji_dataset:train@DATA_DIR, R = runs/emoji):
+
+    unclip train clip --config experiments/emoji.py --workdir R/clip --data DATA      # 1000 steps
+    unclip embed --config experiments/emoji.py --clip-workdir R/clip --data DATA \
+        --out R/embeddings --passes 3 --batch-size 128
+    unclip train prior --config experiments/emoji.py --workdir R/prior --data R/embeddings \
+        --steps 1000                      # stopped at 1000 of its 1500-step schedule (time)
+    unclip train decoder --config experiments/emoji.py --workdir R/decoder \
+        --data R/embeddings --steps 1500  # stopped at 1500 of its 2000-step schedule (time)
+    unclip train sr --config experiments/emoji.py --workdir R/sr --data R/embeddings  # 800
+    unclip train inpaint --config experiments/emoji.py --workdir R/inpaint \
+        --data R/embeddings --config.train.inpaint.init_from=R/decoder               # 200
+    unclip export --config experiments/emoji.py --workdir R --out MODEL --pca-from R/embeddings
+
+To train it further, start each stage from the shipped weights:
+``--config.train.decoder.init_from=unclip_jax/assets/emoji_model`` (and so on).
 """
 import ml_collections
 
