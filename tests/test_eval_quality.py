@@ -80,6 +80,11 @@ def test_tradeoff_plot_pil(tmp_path):
                "sweep": [row("unclip", 1.0, 0.5, 0.2), row("unclip", 3.0, 0.7, 0.6),
                          row("caption_only", 1.0, 0.4, 0.1), row("caption_only", 3.0, 0.9, 0.3)]}
            for s in ("train", "test")}
+    # the main table's row of a swept method joins its line (no duplicate point)
+    res["train"]["rows"].append(row("unclip", 2.0, 0.6, 0.4))
+    res["train"]["rows"].append(row("unclip", 3.0, 0.7, 0.6))
+    lines, real = plots._series(res["train"])
+    assert [g for g, _, _ in lines["unclip"]] == [1.0, 2.0, 3.0] and real == (0.1, 0.9)
     path = plots.tradeoff_plot(res, str(tmp_path / "t.png"), backend="pil")
     im = np.asarray(Image.open(path).convert("RGB"))
     assert im.shape == (380, 960, 3)

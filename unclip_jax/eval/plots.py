@@ -15,8 +15,16 @@ LABELS = {"unclip": "unCLIP", "caption_only": "caption only", "text_emb": "CLIP 
 
 
 def _series(res: Mapping) -> tuple[dict, tuple | None]:
+    """Per method, (guidance, CLIP-FID, R-precision) points sorted by guidance: the sweep's
+    and the main table's rows of the methods that were swept (the main rows are the sweep's
+    point at the default guidance)."""
+    swept = {r.method for r in res["sweep"]}
     lines: dict = {}
-    for r in res["sweep"]:
+    seen = set()
+    for r in list(res["sweep"]) + [r for r in res["rows"] if r.method in swept]:
+        if r.guidance is None or (r.method, r.guidance) in seen:
+            continue
+        seen.add((r.method, r.guidance))
         lines.setdefault(r.method, []).append((r.guidance, r.clip_fid, r.r_precision))
     real = next(((r.clip_fid, r.r_precision) for r in res["rows"] if r.method == "real"), None)
     return {m: sorted(v) for m, v in lines.items()}, real
