@@ -22,7 +22,7 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "examples")
 INPUTS = os.path.join(OUT, "inputs")
-# input name -> (first caption of the emoji, style)
+# input name -> first caption of the emoji (its Twitter style, no skin tone, is used)
 PICK = {"pizza": "pizza", "cat": "cat face", "dog": "dog face", "grinning": "grinning face",
         "rocket": "rocket", "apple": "red apple"}
 

@@ -204,9 +204,10 @@ def test_inpainting_decoder_gets_image_and_keep_mask(model, images):
 
 
 def _with_inpaint_decoder(model):
+    from unclip_jax import config as cfg_lib
     from unclip_jax.models import unet as unet_lib
 
-    icfg = model_lib.inpaint_decoder_config(model.config)
+    icfg = cfg_lib.inpaint_decoder_config(model.config)
     params = dict(model.params)
     params["inpaint"] = nn.meta.unbox(jax.jit(
         lambda k: unet_lib.init_unet(icfg, k)["params"])(jax.random.key(3)))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unclip_jax import config as cfg_lib
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.train import losses
 from unclip_jax.train.cli import load_config
@@ -125,7 +126,7 @@ def test_random_box_masks():
 def test_inpaint_params_from_decoder_start_as_the_decoder():
     c = _config()
     dcfg = losses.cfg_lib.decoder_config(c)
-    icfg = losses.inpaint_config(c)
+    icfg = cfg_lib.inpaint_decoder_config(c)
     dec = _setup("decoder")[1]  # randomised decoder params
     inp = losses.inpaint_params_from_decoder(dec, unet_lib.abstract_params(icfg))
     k_dec, k_inp = dec["conv_in"]["kernel"], inp["conv_in"]["kernel"]

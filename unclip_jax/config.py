@@ -87,6 +87,12 @@ def decoder_config(config) -> UNetConfig:
     return _build(UNetConfig, config.decoder, "decoder", dtype=compute_dtype(config))
 
 
+def inpaint_decoder_config(config) -> UNetConfig:
+    """The inpainting decoder: the decoder config with ``inpaint=True`` (GLIDE's extra input
+    channels for the masked image and the keep-mask)."""
+    return decoder_config(config).replace(inpaint=True)
+
+
 def sr_configs(config) -> list[UNetConfig]:
     return [_build(UNetConfig, s, f"sr[{i}]", dtype=compute_dtype(config))
             for i, s in enumerate(config.get("sr", ()) or ())]

@@ -519,7 +519,7 @@ def stage_spec(config, stage: str, *, batch_size: Optional[int] = None,
             if s["crop"] != s["high"]:
                 note = f"trains on {s['crop']}x{s['crop']} crops of {s['high']}x{s['high']}"
         elif stage == "inpaint":
-            mcfg = losses.inpaint_config(config)
+            mcfg = cfgmod.inpaint_decoder_config(config)
         else:
             mcfg = cfgmod.decoder_config(config)
         sample_fn, sample_inputs = _unet_sampler(mcfg, diff, sample_batch)

@@ -80,7 +80,7 @@ class UnCLIP:
         self.decoder = unet_lib.UNet(self.decoder_config)
         self.upsamplers = [unet_lib.UNet(s) for s in self.sr_config]
         # a separate inpainting decoder (decoder config + 4 input channels), when trained
-        self.inpaint_decoder = (unet_lib.UNet(inpaint_decoder_config(c))
+        self.inpaint_decoder = (unet_lib.UNet(cfg_lib.inpaint_decoder_config(c))
                                 if "inpaint" in self.params else None)
         self.ar_prior_config = ar_prior_config(c)
         self.ar_prior = (ar_lib.ARPrior(self.ar_prior_config)
@@ -127,12 +127,6 @@ class UnCLIP:
     @property
     def output_size(self) -> int:
         return self.sr_config[-1].image_size if self.sr_config else self.decoder_size
-
-
-def inpaint_decoder_config(config) -> unet_lib.UNetConfig:
-    """The inpainting decoder: the decoder config with ``inpaint=True`` (GLIDE's extra input
-    channels for the masked image and the keep-mask)."""
-    return cfg_lib.decoder_config(config).replace(inpaint=True)
 
 
 def ar_prior_config(config) -> Optional[ar_lib.ARPriorConfig]:
@@ -207,7 +201,8 @@ def init_random(config: ml_collections.ConfigDict, seed: int = 0) -> UnCLIP:
 def _abstract_params(config, inpaint: bool = False) -> dict:
     tree = jax.eval_shape(lambda: init_random(config).params)
     if inpaint:
-        tree["inpaint"] = nn.meta.unbox(unet_lib.abstract_params(inpaint_decoder_config(config)))
+        tree["inpaint"] = nn.meta.unbox(unet_lib.abstract_params(
+            cfg_lib.inpaint_decoder_config(config)))
     return tree
 
 

@@ -413,8 +413,9 @@ def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0,
             except ImportError:
                 pass
         kw = dict(seed=seed)
+        epochs = max(1, int(passes)) if one_pass else 1
         if one_pass:
-            kw.update(num_epochs=max(1, int(passes)), shuffle=False, drop_remainder=False)
+            kw.update(num_epochs=epochs, shuffle=False, drop_remainder=False)
         try:
             reader = pipeline_lib.make_reader(name, split or "train", batch_size,
                                               data_dir=data_dir or None, **kw)
@@ -422,7 +423,7 @@ def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0,
             raise cfg_lib.ConfigError(f"--data {spec}: cannot open tfds dataset {name!r} "
                                       f"(split {split or 'train'!r}, data_dir "
                                       f"{data_dir or 'default'!r}): {e}") from None
-        reader.num_examples = reader.per_shard * (max(1, int(passes)) if one_pass else 1)
+        reader.num_examples = reader.per_shard * epochs
         return reader
     raise cfg_lib.ConfigError(
         f"--data {spec!r}: use 'synthetic[:SIZE]', an embeddings dir (from `unclip embed`), or "
@@ -582,9 +583,6 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
 
             params = inpaint_params_from_decoder(_load_init_params(config, init_from),
                                                  state.params)
-            params = jax.device_put(params, shardings.params)
-            state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params)
-                                  if use_ema else None)
         elif init_from:
             # continue from trained weights (a shipped model dir, another run): params and EMA
             # start there; optimizer state, step and schedule start afresh
@@ -595,12 +593,12 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
             if want != got:
                 raise ValueError(f"train.{stage}.init_from {init_from}: its {stage} weights do "
                                  "not fit this config")
-            params = jax.device_put(jax.tree.map(
-                lambda p, x: jnp.asarray(p, x.dtype), params, nn.meta.unbox(state.params)),
-                shardings.params)
+            params = jax.tree.map(lambda p, x: jnp.asarray(p, x.dtype), params,
+                                  nn.meta.unbox(state.params))
+        if init_from:
+            params = jax.device_put(params, shardings.params)
             state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params)
                                   if use_ema else None)
-        if init_from:
             log.info("initialised %s from %s", stage, init_from)
     start = int(state.step)
 

@@ -300,15 +300,10 @@ def decoder_loss_fn(config) -> LossFn:
     return _decoder_like_loss(config, "decoder", cfg_lib.decoder_config(config))
 
 
-def inpaint_config(config) -> unet_lib.UNetConfig:
-    """The inpainting decoder: the decoder config with ``inpaint=True``."""
-    return cfg_lib.decoder_config(config).replace(inpaint=True)
-
-
 def inpaint_loss_fn(config) -> LossFn:
     """Inpainting decoder loss: the decoder loss with random box keep-masks as extra input.
     aux: as decoder + ``masked_frac``."""
-    return _decoder_like_loss(config, "inpaint", inpaint_config(config))
+    return _decoder_like_loss(config, "inpaint", cfg_lib.inpaint_decoder_config(config))
 
 
 def sr_settings(config, index: int = 0) -> dict:
@@ -482,7 +477,7 @@ def build_stage(stage: str, config, *, sr_index: int = 0) -> Stage:
         return Stage("decoder", lambda rng: unet_lib.init_unet(dcfg, rng)["params"], {},
                      lambda frozen: decoder_loss_fn(config), _numeric, ("decoder",))
     if stage == "inpaint":
-        icfg = inpaint_config(config)
+        icfg = cfg_lib.inpaint_decoder_config(config)
         return Stage("inpaint", lambda rng: unet_lib.init_unet(icfg, rng)["params"], {},
                      lambda frozen: inpaint_loss_fn(config), _numeric, ("decoder",))
     s = sr_settings(config, sr_index)
@@ -515,7 +510,7 @@ def make_loss_fn(stage: str, config, frozen: Optional[PyTree] = None) -> LossFn:
 
 __all__ = [
     "STAGES", "Stage", "build_stage", "make_loss_fn", "clip_loss_fn", "prior_loss_fn",
-    "decoder_loss_fn", "sr_loss_fn", "inpaint_loss_fn", "inpaint_config",
+    "decoder_loss_fn", "sr_loss_fn", "inpaint_loss_fn",
     "inpaint_params_from_decoder", "sr_conditioning", "sr_settings", "gaussian_blur",
     "random_box_masks", "random_crops", "clip_pixels", "resize_images", "stage_diffusion",
     "MissingBatchKeyError",
