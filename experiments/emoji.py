@@ -88,8 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
                          warmup_steps=100, total_steps=1_000)
     c.train.prior = train(batch_size=128, learning_rate=3e-4, weight_decay=0.01,
                           warmup_steps=100, total_steps=1_500)
-    c.train.decoder = train(vlb_weight=0.001, learning_rate=3e-4, warmup_steps=200,
-                            total_steps=2_000)
+    # round 2 (see the docstring): Min-SNR-5 weighting, a 5400-step schedule from round 1's weights
+    c.train.decoder = train(vlb_weight=0.001, snr_gamma=5.0, learning_rate=3e-4,
+                            warmup_steps=200, total_steps=5_400)
     c.train.sr = train(crop_size=32, blur_sigma=(0.4, 0.6), blur_kernel=5, learning_rate=3e-4,
                        warmup_steps=50, total_steps=800)
     c.train.inpaint = train(vlb_weight=0.001, init_from="decoder", total_steps=200,

@@ -64,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.clip = train(learning_rate=5e-4, weight_decay=0.1)
     c.train.prior = train(learning_rate=3e-4, weight_decay=0.01)
-    c.train.decoder = train(vlb_weight=0.001)
+    # snr_gamma > 0: Min-SNR-gamma weighting of the decoder's L_simple (Hang et al. 2023; 0: off)
+    c.train.decoder = train(vlb_weight=0.001, snr_gamma=0.0)
     c.train.sr = train(crop_size=16, blur_sigma=(0.4, 0.6), blur_kernel=3)
     # inpaint: fine-tuned from the decoder (init_from: a decoder workdir or a model dir).
     c.train.inpaint = train(vlb_weight=0.001, init_from="", mask_min_frac=0.25,

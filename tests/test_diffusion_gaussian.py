@@ -159,3 +159,33 @@ def test_hybrid_loss_stops_gradient_of_mean_in_vlb():
     with pytest.raises(ValueError):
         D.training_losses(d.replace(model_var_type="fixed_small"), lambda x, tt: x, x0, t, eps,
                           loss_type="hybrid")
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_min_snr_weight_is_capped_x0_weight(kind):
+    """Min-SNR-gamma: in x_0 space the loss weight is min(SNR, gamma). The eps / v MSE equal the
+    x_0 MSE times SNR / (SNR + 1), so weight * (those factors) must give min(SNR, gamma)."""
+    d = D.create_gaussian_diffusion(1000, "cosine", model_output=kind)
+    t = jnp.arange(0, 1000, 37)
+    ab = np.asarray(d.alphas_cumprod, np.float64)[np.asarray(t)]
+    s = ab / (1 - ab)
+    w = np.asarray(D.min_snr_weight(d, t, 5.0), np.float64)
+    to_x0 = {"eps": s, "x0": np.ones_like(s), "v": s + 1}[kind]
+    np.testing.assert_allclose(w * to_x0, np.minimum(s, 5.0), rtol=1e-4)
+    # eps prediction: weight 1 wherever SNR <= gamma (the noisy half), below 1 elsewhere
+    if kind == "eps":
+        assert np.all(w[s <= 5.0] == 1.0) and np.all(w[s > 5.0] < 1.0)
+
+
+def test_snr_gamma_weights_the_simple_loss_only():
+    d = D.create_gaussian_diffusion(100, "cosine", model_var_type="learned_range")
+    x0 = jax.random.uniform(jax.random.PRNGKey(0), (6, 4, 4, 3), minval=-1, maxval=1)
+    noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+    t = jnp.array([0, 5, 20, 50, 80, 99])
+    model = lambda x, tt: jnp.concatenate([0.5 * x, jnp.zeros_like(x)], -1)  # noqa: E731
+    plain = D.training_losses(d, model, x0, t, noise)
+    weighted = D.training_losses(d, model, x0, t, noise, snr_gamma=5.0)
+    w = D.min_snr_weight(d, t, 5.0)
+    np.testing.assert_allclose(weighted["mse"], plain["mse"], rtol=1e-6)
+    np.testing.assert_allclose(weighted["loss"] - 0.001 * 100 * weighted["vb"],
+                               w * plain["mse"], rtol=1e-5)

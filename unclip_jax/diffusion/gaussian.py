@@ -366,9 +366,30 @@ def vb_terms_bpd(diffusion: GaussianDiffusion, model_output, x_start, x_t, t, *,
     return jnp.where(t == 0, nll, kl)
 
 
+def snr(diffusion: GaussianDiffusion, t: jax.Array) -> jax.Array:
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of x_t, [B] for t [B]."""
+    ab = diffusion.alphas_cumprod[t]
+    return ab / (1.0 - ab)
+
+
+def min_snr_weight(diffusion: GaussianDiffusion, t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy"), [B]: the x_0-space weight min(SNR_t, gamma), expressed for the
+    model's target: / SNR_t for eps, as is for x_0, / (SNR_t + 1) for v. It caps the weight of
+    the nearly clean timesteps, where x_0 is easy, so the noisy ones that decide shapes learn
+    faster."""
+    s = snr(diffusion, t)
+    w = jnp.minimum(s, gamma)
+    if diffusion.model_output == "eps":
+        return w / s
+    if diffusion.model_output == "v":
+        return w / (s + 1.0)
+    return w
+
+
 def training_losses(diffusion: GaussianDiffusion, model_fn: Callable, x_start, t, noise,
                     model_kwargs: Optional[dict] = None, *, loss_type: Optional[str] = None,
-                    vlb_weight: float = 0.001) -> dict:
+                    vlb_weight: float = 0.001, snr_gamma: float = 0.0) -> dict:
     """Per-example losses for one draw of (t, eps); returns {'loss', 'mse'[, 'vb']}, each [B].
 
     model_fn(x_t, timestep_map[t], **model_kwargs) -> [B, ..., C or 2C].
@@ -376,6 +397,8 @@ def training_losses(diffusion: GaussianDiffusion, model_fn: Callable, x_start, t
       (L_simple + vlb_weight * N * L_t, N = num_timesteps, i.e. lambda * L_vlb with L_vlb
       estimated by N L_t; the mean channels are stop-gradiented in L_t so it only trains the
       variance). Default: 'hybrid' for learned variance, else 'mse'.
+    snr_gamma: > 0 weights L_simple per example by `min_snr_weight` (0: unweighted, as in
+      DDPM); 'mse' stays the unweighted value for logging.
     """
     if loss_type is None:
         loss_type = "hybrid" if diffusion.learned_variance else "mse"
@@ -389,9 +412,11 @@ def training_losses(diffusion: GaussianDiffusion, model_fn: Callable, x_start, t
     target = training_target(diffusion, x_start, t, noise)
     mse = mean_flat((target - prediction) ** 2)
     terms = {"mse": mse, "loss": mse}
+    if snr_gamma > 0:
+        terms["loss"] = min_snr_weight(diffusion, t, snr_gamma) * mse
     if loss_type == "hybrid":
         frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), var_values], axis=-1)
         vb = vb_terms_bpd(diffusion, frozen, x_start, x_t, t, clip_denoised=False)
         terms["vb"] = vb
-        terms["loss"] = mse + vlb_weight * diffusion.num_timesteps * vb
+        terms["loss"] = terms["loss"] + vlb_weight * diffusion.num_timesteps * vb
     return terms

@@ -79,9 +79,10 @@ COMMON_KEYS = {
 STAGE_KEYS = {
     "clip": {"init_from"},
     "prior": {"init_from"},
-    "decoder": {"vlb_weight", "init_from"},
+    "decoder": {"vlb_weight", "snr_gamma", "init_from"},
     "sr": {"crop_size", "blur_sigma", "blur_kernel", "index", "init_from"},
-    "inpaint": {"vlb_weight", "init_from", "mask_min_frac", "mask_max_frac", "mask_p_keep_all"},
+    "inpaint": {"vlb_weight", "snr_gamma", "init_from", "mask_min_frac", "mask_max_frac",
+                "mask_p_keep_all"},
 }
 # Keys that may change between a run and its resume (not compared with the checkpoint's config).
 VOLATILE_KEYS = ("save_every", "keep_last", "log_every", "max_nonfinite", "mesh", "init_from")

@@ -247,6 +247,9 @@ def _decoder_like_loss(config, stage: str, ucfg: unet_lib.UNetConfig) -> LossFn:
     p_text = float(_opt(dcfg, "cfg_drop_text", 0.5))
     tcfg = _stage_train(config, stage)
     vlb_weight = float(_opt(tcfg, "vlb_weight", 0.001))
+    snr_gamma = float(_opt(tcfg, "snr_gamma", 0.0))
+    if snr_gamma < 0:
+        raise cfg_lib.ConfigError(f"train.{stage}.snr_gamma must be >= 0 (0: off), got {snr_gamma}")
     loss_type = "hybrid" if diffusion.learned_variance else "mse"
     needs = ["image"]
     if ucfg.clip_dim:
@@ -285,7 +288,7 @@ def _decoder_like_loss(config, stage: str, ucfg: unet_lib.UNetConfig) -> LossFn:
                                rngs={"dropout": k_dropout}, **kwargs)
 
         terms = training_losses(diffusion, model_fn, x0, t, noise, kw, loss_type=loss_type,
-                                vlb_weight=vlb_weight)
+                                vlb_weight=vlb_weight, snr_gamma=snr_gamma)
         aux["mse"] = jnp.mean(terms["mse"])
         if "vb" in terms:
             aux["vb"] = jnp.mean(terms["vb"])
