@@ -147,7 +147,7 @@ def test_quality_benchmark_end_to_end(tmp_path):
     for r in res.values():
         rows = {(x["method"], x["guidance"]) for x in r["rows"]}
         assert rows == {("real", None), ("unclip", 3.0), ("caption_only", 3.0),
-                        ("text_emb", 3.0)}  # tiny's decoder guidance is 3
+                        ("text_emb", 3.0), ("image_emb", 3.0)}  # tiny's decoder guidance: 3
         assert {(x["method"], x["guidance"]) for x in r["sweep"]} == {
             (m, g) for m in ("unclip", "caption_only") for g in (1.0, 3.0)}
         assert r["num_distractors"] == 7  # 8 concepts in the fake pool
@@ -162,15 +162,17 @@ def test_quality_benchmark_end_to_end(tmp_path):
         assert tab["clip_fid"] == sw["clip_fid"]
         # the rows really are different conditionings / guidance scales
         fid = {(x["method"], x["guidance"]): x["clip_fid"] for x in r["rows"] + r["sweep"]}
-        assert len({fid[(m, 3.0)] for m in quality.METHODS}) == 3
+        assert len({fid[(m, 3.0)] for m in quality.METHODS}) == 4
         assert fid[("unclip", 1.0)] != fid[("unclip", 3.0)]
     table = (out_dir / "results.md").read_text()
     assert "real images (ceiling)" in table and "caption only" in table
     assert "CLIP text emb" in table and "| test |" in table and "Goal: " in table
+    assert "oracle prior" in table
     assert json.loads((out_dir / "results.json").read_text())["results"]["train"]["rows"]
     plot = np.asarray(Image.open(out_dir / "tradeoff.png"))
     assert plot.ndim == 3 and plot.shape[1] > plot.shape[0]
-    for m in quality.METHODS:
+    assert not (out_dir / "samples_image_emb.png").exists()  # grids have prompts only
+    for m in quality.PROMPT_METHODS:
         grid = Image.open(out_dir / f"samples_{m}.png")
         assert grid.size[1] > grid.size[0]  # one row per fixed prompt, one column
     assert (out_dir / "samples_prompts.txt").read_text().split("\n")[:2] == list(
@@ -185,3 +187,28 @@ def test_refuses_to_score_with_the_models_own_clip(tmp_path):
     assert same_clip(model.params["clip"], model.params["clip"])
     ev = load_eval_clip("random:" + os.path.join(ROOT, "experiments", "tiny.py"), seed=0)
     assert not same_clip(model.params["clip"], ev.params)  # same config, other seed
+
+
+def test_image_emb_row_is_conditioned_on_the_real_images():
+    """The oracle-prior row decodes from the model-CLIP embeddings of the given real images:
+    the same images give the same samples, other images other samples; it refuses to run
+    without images."""
+    import jax
+
+    model = _conditioned_tiny_model()
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    b = 255 - a
+    kw = dict(batch_size=2, prior_steps="2", decoder_steps="2", sr_steps="2",
+              score_at="decoder")
+    prompts = ["a", "b", "c"]
+    gen = lambda ims: quality.Generator(model, prompts, jax.random.key(0),  # noqa: E731
+                                        cond_images=ims, **kw)
+    out_a = gen(a).decode("image_emb", 3.0)
+    assert out_a.shape[0] == 3  # the padded last batch is cut
+    np.testing.assert_array_equal(out_a, gen(a.copy()).decode("image_emb", 3.0))
+    assert not np.array_equal(out_a, gen(b).decode("image_emb", 3.0))
+    with pytest.raises(ValueError, match="cond_images"):
+        quality.Generator(model, prompts, jax.random.key(0), **kw).decode("image_emb", 3.0)
+    with pytest.raises(ValueError, match="one per prompt"):
+        gen(a[:2])

@@ -7,6 +7,10 @@ For one split (a set of concepts, each with one prompt and its real images):
   dropped: the decoder's null embedding) and ``text_emb`` (the model's CLIP *text* emb fed
   where the image emb goes) -- the paper's conditioning ablation -- each at a decoder guidance
   scale; ``unclip`` and ``caption_only`` also over a guidance sweep;
+* the ``image_emb`` row: the decoder conditioned on the model's own CLIP embedding of a real
+  image of the concept (the paper's reconstructions; an oracle prior). It separates the two
+  halves of the system: unCLIP below it means the prior loses what the decoder could use,
+  image_emb itself low means the decoder cannot draw the concept even from a true embedding;
 * the ``real`` row: real images of the same concepts (the ceiling).
 
 Every row gets CLIP R-precision (top-1 among ``num_distractors`` first captions of *other*
@@ -32,9 +36,12 @@ import numpy as np
 from unclip_jax.eval import metrics
 from unclip_jax.eval.clip_features import EvalCLIP
 
-METHODS = ("unclip", "caption_only", "text_emb")
+METHODS = ("unclip", "caption_only", "text_emb", "image_emb")
+# rows that need only prompts (``image_emb`` also needs real images to embed)
+PROMPT_METHODS = ("unclip", "caption_only", "text_emb")
 METHOD_LABELS = {"unclip": "unCLIP (prior image emb)", "caption_only": "caption only",
-                 "text_emb": "CLIP text emb", "real": "real images (ceiling)"}
+                 "text_emb": "CLIP text emb", "image_emb": "real image emb (oracle prior)",
+                 "real": "real images (ceiling)"}
 SCORE_AT = ("final", "decoder")
 
 # Prompts for the sample grids, fixed before any model output was looked at: eight concepts of
@@ -112,14 +119,20 @@ def split_real(cs: ConceptSet) -> tuple[np.ndarray, np.ndarray, list, list]:
 class Generator:
     """Batched, seeded generation for one list of prompts with one model: text encoding and
     the prior run once (``prepare``); ``decode(method, guidance)`` runs the decoder (and the
-    upsamplers when ``score_at='final'``) and returns uint8 images ``[N, S, S, 3]``."""
+    upsamplers when ``score_at='final'``) and returns uint8 images ``[N, S, S, 3]``.
+    ``cond_images``: uint8 ``[N, H, W, 3]``, one real image per prompt, whose model-CLIP
+    embeddings condition the ``image_emb`` method."""
 
     def __init__(self, model, prompts: Sequence[str], key, *, batch_size: int = 32,
                  prior_steps=None, prior_guidance=None, decoder_steps=None, sr_steps=None,
-                 score_at: str = "final"):
+                 score_at: str = "final", cond_images: Optional[np.ndarray] = None):
         if score_at not in SCORE_AT:
             raise ValueError(f"score_at must be one of {SCORE_AT}")
+        if cond_images is not None and len(cond_images) != len(prompts):
+            raise ValueError(f"cond_images: {len(cond_images)} images for {len(prompts)} "
+                             "prompts; give one per prompt")
         self.model, self.prompts, self.score_at = model, list(prompts), score_at
+        self.cond_images = cond_images
         self.batch_size = int(batch_size)
         self.decoder_steps, self.sr_steps = decoder_steps, sr_steps
         self.k_prior, self.k_dec = jax.random.split(key)
@@ -134,20 +147,26 @@ class Generator:
         b = self.batch_size
         for i, s in enumerate(range(0, self.n, b)):
             chunk = self.prompts[s:s + b]
-            yield i, len(chunk), chunk + [chunk[-1]] * (b - len(chunk))
+            yield i, s, len(chunk), chunk + [chunk[-1]] * (b - len(chunk))
 
     def prepare(self):
-        """CLIP text conditions and prior image embeddings of every batch."""
+        """CLIP text conditions, prior image embeddings and (with ``cond_images``) CLIP
+        embeddings of the real images, of every batch."""
         from unclip_jax.pipelines import stages
 
         if self._batches is None:
             self._batches = []
-            for i, n, chunk in self._chunks():
+            for i, s, n, chunk in self._chunks():
                 text = stages.encode_text(self.model, chunk)
                 z = stages.sample_image_emb(self.model, jax.random.fold_in(self.k_prior, i),
                                             text, steps=self.prior_steps,
                                             guidance=self.prior_guidance)
-                self._batches.append((n, text, z))
+                z_real = None
+                if self.cond_images is not None:
+                    ims = self.cond_images[s:s + n]
+                    ims = np.concatenate([ims] + [ims[-1:]] * (len(chunk) - n), 0)
+                    z_real = stages.embed_images(self.model, ims)
+                self._batches.append((n, text, z, z_real))
         return self._batches
 
     def decode(self, method: str, guidance: float) -> np.ndarray:
@@ -156,9 +175,12 @@ class Generator:
 
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "image_emb" and self.cond_images is None:
+            raise ValueError("method 'image_emb' needs cond_images (one real image per prompt)")
         out = []
-        for i, (n, text, z) in enumerate(self.prepare()):
-            emb = {"unclip": z, "caption_only": jnp.zeros_like(z), "text_emb": text.emb}[method]
+        for i, (n, text, z, z_real) in enumerate(self.prepare()):
+            emb = {"unclip": z, "caption_only": jnp.zeros_like(z), "text_emb": text.emb,
+                   "image_emb": z_real}[method]
             res = stages.decode_and_upsample(
                 self.model, jax.random.fold_in(self.k_dec, i), emb, text,
                 decoder_steps=self.decoder_steps, decoder_guidance=float(guidance),
@@ -211,10 +233,13 @@ def evaluate_split(model, eval_clip: EvalCLIP, cs: ConceptSet, key, *,
     if guidance is None:
         guidance = float(model.stage_options("decoder").guidance)
     k = int(samples_per_concept)
+    # sample j of a concept is conditioned (image_emb row) on its real image j mod M
+    cond = np.stack([ims[j % len(ims)] for ims in cs.real_images for j in range(k)]) \
+        if "image_emb" in methods else None
     gen = Generator(model, [p for p in cs.prompts for _ in range(k)], key,
                     batch_size=batch_size, prior_steps=prior_steps,
                     prior_guidance=prior_guidance, decoder_steps=decoder_steps,
-                    sr_steps=sr_steps, score_at=score_at)
+                    sr_steps=sr_steps, score_at=score_at, cond_images=cond)
     size = gen.image_size
     labels = [c for c in cs.concepts for _ in range(k)]
     nd = min(int(num_distractors), len(cs.pool_concepts) - 1)
@@ -323,7 +348,7 @@ def results_json(results: Mapping[str, dict]) -> dict:
 
 
 def sample_grids(model, prompts: Sequence[str], key, *, per_prompt: int = 4,
-                 guidance: Optional[float] = None, methods: Sequence[str] = METHODS,
+                 guidance: Optional[float] = None, methods: Sequence[str] = PROMPT_METHODS,
                  batch_size: int = 32, **gen_kw) -> dict:
     """``{method: uint8 grid}`` with one row per prompt (labelled on the left), ``per_prompt``
     samples per row; the same prior / decoder noise in every method's grid."""
@@ -343,5 +368,5 @@ def sample_grids(model, prompts: Sequence[str], key, *, per_prompt: int = 4,
 
 
 __all__ = ["ConceptSet", "concept_set", "split_real", "Generator", "Row", "evaluate_split",
-           "markdown_table", "results_json", "sample_grids", "METHODS", "GRID_PROMPTS",
-           "GRID_PROMPTS_TRAIN", "GRID_PROMPTS_TEST"]
+           "markdown_table", "results_json", "sample_grids", "METHODS", "PROMPT_METHODS",
+           "GRID_PROMPTS", "GRID_PROMPTS_TRAIN", "GRID_PROMPTS_TEST"]
