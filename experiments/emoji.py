@@ -6,8 +6,10 @@ Data: tfds `emoji_dataset` (Google + Twitter emoji 16.0.0, 64x64, several captio
 Captions use a small BPE vocabulary learned from the emoji captions
 (unclip_jax/assets/emoji_tokenizer).
 
-The shipped model (unclip_jax/assets/emoji_model) was trained with this file, one stage after
-another on 2 CPU cores (DATA = tfds:emoji_dataset:train@DATA_DIR, R = runs/emoji):
+The shipped model (unclip_jax/assets/emoji_model) was trained with this file on 2 CPU cores
+(DATA = tfds:emoji_dataset:train@DATA_DIR, R = runs/emoji, M = unclip_jax/assets/emoji_model).
+Round 1 (session 2; decoder and prior then had the 2000- and 1500-step schedules and no
+snr_gamma), one stage after another:
 
     unclip train clip --config experiments/emoji.py --workdir R/clip --data DATA      # 1000 steps
     unclip embed --config experiments/emoji.py --clip-workdir R/clip --data DATA \
@@ -19,10 +21,23 @@ another on 2 CPU cores (DATA = tfds:emoji_dataset:train@DATA_DIR, R = runs/emoji
     unclip train sr --config experiments/emoji.py --workdir R/sr --data R/embeddings  # 800
     unclip train inpaint --config experiments/emoji.py --workdir R/inpaint \
         --data R/embeddings --config.train.inpaint.init_from=R/decoder               # 200
-    unclip export --config experiments/emoji.py --workdir R --out MODEL --pca-from R/embeddings
+    unclip export --config experiments/emoji.py --workdir R --out M --pca-from R/embeddings
 
-To train it further, start each stage from the shipped weights:
-``--config.train.decoder.init_from=unclip_jax/assets/emoji_model`` (and so on).
+Round 2 (session 3; the settings now in this file), every stage but CLIP and the upsampler
+continued from round 1's shipped weights (fresh optimizer), the same CLIP embeddings:
+
+    unclip embed --model M --data DATA --out R/embeddings --passes 3 --batch-size 128
+    unclip train decoder --config experiments/emoji.py --workdir R/decoder \
+        --data R/embeddings --config.train.decoder.init_from=M           # 5400 steps, Min-SNR-5
+    unclip train inpaint --config experiments/emoji.py --workdir R/inpaint --data R/embeddings \
+        --config.train.inpaint.init_from=R/decoder --config.train.inpaint.total_steps=300
+    unclip train prior --config experiments/emoji.py --workdir R/prior --data R/embeddings \
+        --config.train.prior.init_from=M                                 # 1000 steps
+    unclip export --config experiments/emoji.py --workdir R --clip M --sr M --out NEW_M \
+        --pca-from R/embeddings
+
+To train it further, start each stage from the shipped weights the same way
+(``--config.train.STAGE.init_from=unclip_jax/assets/emoji_model``).
 """
 import ml_collections
 
@@ -86,8 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.clip = train(batch_size=128, learning_rate=5e-4, weight_decay=0.1,
                          warmup_steps=100, total_steps=1_000)
+    # round 2 (see the docstring): a 1000-step schedule from round 1's weights
     c.train.prior = train(batch_size=128, learning_rate=3e-4, weight_decay=0.01,
-                          warmup_steps=100, total_steps=1_500)
+                          warmup_steps=100, total_steps=1_000)
     # round 2 (see the docstring): Min-SNR-5 weighting, a 5400-step schedule from round 1's weights
     c.train.decoder = train(vlb_weight=0.001, snr_gamma=5.0, learning_rate=3e-4,
                             warmup_steps=200, total_steps=5_400)
