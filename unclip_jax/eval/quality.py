@@ -144,10 +144,12 @@ class Generator:
         return len(self.prompts)
 
     def _chunks(self):
+        """(batch index, real count n, indices of the batch padded to batch_size by repeating
+        the last one) per batch."""
         b = self.batch_size
         for i, s in enumerate(range(0, self.n, b)):
-            chunk = self.prompts[s:s + b]
-            yield i, s, len(chunk), chunk + [chunk[-1]] * (b - len(chunk))
+            n = min(b, self.n - s)
+            yield i, n, list(range(s, s + n)) + [s + n - 1] * (b - n)
 
     def prepare(self):
         """CLIP text conditions, prior image embeddings and (with ``cond_images``) CLIP
@@ -156,16 +158,13 @@ class Generator:
 
         if self._batches is None:
             self._batches = []
-            for i, s, n, chunk in self._chunks():
-                text = stages.encode_text(self.model, chunk)
+            for i, n, idx in self._chunks():
+                text = stages.encode_text(self.model, [self.prompts[j] for j in idx])
                 z = stages.sample_image_emb(self.model, jax.random.fold_in(self.k_prior, i),
                                             text, steps=self.prior_steps,
                                             guidance=self.prior_guidance)
-                z_real = None
-                if self.cond_images is not None:
-                    ims = self.cond_images[s:s + n]
-                    ims = np.concatenate([ims] + [ims[-1:]] * (len(chunk) - n), 0)
-                    z_real = stages.embed_images(self.model, ims)
+                z_real = None if self.cond_images is None else \
+                    stages.embed_images(self.model, np.asarray(self.cond_images)[idx])
                 self._batches.append((n, text, z, z_real))
         return self._batches
 

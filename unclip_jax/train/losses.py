@@ -249,7 +249,8 @@ def _decoder_like_loss(config, stage: str, ucfg: unet_lib.UNetConfig) -> LossFn:
     vlb_weight = float(_opt(tcfg, "vlb_weight", 0.001))
     snr_gamma = float(_opt(tcfg, "snr_gamma", 0.0))
     if snr_gamma < 0:
-        raise cfg_lib.ConfigError(f"train.{stage}.snr_gamma must be >= 0 (0: off), got {snr_gamma}")
+        raise cfg_lib.ConfigError(
+            f"train.{stage}.snr_gamma must be >= 0 (0: off), got {snr_gamma}")
     loss_type = "hybrid" if diffusion.learned_variance else "mse"
     needs = ["image"]
     if ucfg.clip_dim:
