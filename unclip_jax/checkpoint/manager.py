@@ -197,9 +197,13 @@ class Checkpointer:
             log.info("checkpoint %d -> %s", step, self.step_path(step))
         return bool(saved)
 
+    def should_save(self, step: int) -> bool:
+        """Whether ``maybe_save`` saves at ``step`` (a multiple of ``save_every``)."""
+        return self.save_every > 0 and int(step) % self.save_every == 0
+
     def maybe_save(self, step: int, state: PyTree, data_state: Any = None) -> bool:
         """Save if ``step`` is a multiple of ``save_every``."""
-        if self.save_every > 0 and int(step) % self.save_every == 0:
+        if self.should_save(step):
             return self.save(step, state, data_state, force=True)
         return False
 

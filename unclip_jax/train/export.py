@@ -207,6 +207,23 @@ def load_clip_params(config, model: Optional[str] = None, clip_workdir: Optional
             cfg_lib.tokenizer_dir(config))
 
 
+def clip_encoder(clip_cfg, jit: bool = True):
+    """``encode(params, images [B, H, W, 3] in [-1, 1], ids [B, L], mask [B, L])`` ->
+    ``(image_emb [B, D], text_emb [B, D], text_states [B, L, W])``: the CLIP outputs that
+    ``unclip embed`` stores (images resized to the vision tower's size here)."""
+    from unclip_jax.models import clip as clip_lib
+
+    model = clip_lib.CLIP(clip_cfg)
+    size = clip_cfg.vision_config.image_size
+
+    def encode(params, images, ids, mask):
+        out = model.apply({"params": params}, input_ids=ids, pixel_values=clip_pixels(images, size),
+                          attention_mask=mask)
+        return out["image_embeds"], out["text_embeds"], out["text_states"]
+
+    return jax.jit(encode) if jit else encode
+
+
 def embed_batches(clip_cfg, clip_params, batches: Iterable[dict], *,
                   max_examples: Optional[int] = None, store_image_size: Optional[int] = None,
                   tokenizer_dir: Optional[str] = None, progress: bool = True) -> Iterator[dict]:
@@ -215,22 +232,19 @@ def embed_batches(clip_cfg, clip_params, batches: Iterable[dict], *,
     ``text_emb``, ``text_states``, ``text_mask``; stops after ``max_examples``."""
     from tqdm.auto import tqdm
 
-    from unclip_jax.models import clip as clip_lib
     from unclip_jax.models.tokenizer import load_tokenizer, tokenize_with_info
     from unclip_jax.train.losses import resize_images
 
-    model = clip_lib.CLIP(clip_cfg)
-    size = clip_cfg.vision_config.image_size
     length = clip_cfg.text_config.max_position_embeddings
     tok = load_tokenizer(tokenizer_dir, length) if tokenizer_dir else None
 
+    clip_encode = clip_encoder(clip_cfg, jit=False)
+
     @jax.jit
     def encode(params, images, ids, mask):
-        out = model.apply({"params": params}, input_ids=ids, pixel_values=clip_pixels(images, size),
-                          attention_mask=mask)
         stored = images if store_image_size is None else resize_images(images, store_image_size)
         stored = jnp.clip(jnp.round((stored + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-        return out["image_embeds"], out["text_embeds"], out["text_states"], stored
+        return (*clip_encode(params, images, ids, mask), stored)
 
     done = 0
     bar = tqdm(total=max_examples, desc="embed", unit="img", disable=not progress)
@@ -268,5 +282,5 @@ def embed_dataset(clip_cfg, clip_params, batches: Iterable[dict], out_dir: str, 
         meta=meta, shard_size=shard_size)
 
 
-__all__ = ["export_model", "load_stage_params",
-           "load_clip_params", "embed_batches", "embed_dataset", "ExportError"]
+__all__ = ["export_model", "load_stage_params", "load_clip_params", "clip_encoder",
+           "embed_batches", "embed_dataset", "ExportError"]

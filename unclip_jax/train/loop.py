@@ -543,7 +543,9 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
     checkpoint in ``workdir`` if there is one.
 
     ``data`` yields per-process host batches (see the module docstring). ``callbacks`` get
-    ``(step, metrics)`` after every step (host floats). Raises ``NonFiniteLossError`` after
+    ``(step, metrics)`` after every step (host floats), before the next step is dispatched.
+    Without callbacks the host reads each step's metrics one step late, so that preparing the
+    next batch overlaps the device's work (no sync per step). Raises ``NonFiniteLossError`` after
     ``max_nonfinite`` non-finite losses in a row, ``ConfigError`` for bad config,
     ``checkpoint.ConfigMismatchError`` when the workdir's checkpoints were made with another
     model / schedule config.
@@ -615,6 +617,51 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
     last: dict = {}
     preempted = False
     step = start
+    pending = None  # (step, device metrics) of the last dispatched step, read one step late
+
+    def process(done: int, metrics) -> None:
+        """Host side of step ``done``: callbacks, non-finite accounting, logging."""
+        nonlocal nonfinite_in_a_row, acc, t_last, n_last, last
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        n_last += 1
+        last = m
+        for cb in callbacks:
+            cb(done, m)
+        if m["skipped"]:
+            nonfinite_in_a_row += 1
+            writer.write({"step": done, "event": "nonfinite_skipped", "loss": m["loss"],
+                          "grad_norm": m["grad_norm"], "in_a_row": nonfinite_in_a_row}, pbar)
+            if nonfinite_in_a_row >= tc.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{stage}: {nonfinite_in_a_row} non-finite losses in a row (last at "
+                    f"step {done}, loss={m['loss']}); stopping. The last checkpoint in "
+                    f"{workdir} is step {ckpt.latest_step()}. Lower train.{stage}."
+                    "learning_rate or check the data, then resume.")
+        else:
+            nonfinite_in_a_row = 0
+            for k, v in m.items():
+                acc.setdefault(k, []).append(v)
+        pbar.update(1)
+        if done % tc.log_every == 0 or done == end:
+            now = time.perf_counter()
+            rec = {"step": done}
+            rec.update({k: float(np.mean(v)) for k, v in acc.items() if k != "skipped"})
+            rec["lr"] = m["lr"]
+            rec["skipped"] = int(n_last - len(acc.get("loss", [])))
+            rec["images_per_sec"] = tc.batch_size * n_last / max(now - t_last, 1e-9)
+            for k in ("loss", "grad_norm"):
+                rec.setdefault(k, float("nan"))
+            writer.write(rec, pbar)
+            pbar.set_postfix(loss=f"{rec['loss']:.4g}")
+            acc, t_last, n_last = {}, now, 0
+
+    def flush() -> None:
+        nonlocal pending
+        if pending is not None:
+            done, metrics = pending
+            pending = None
+            process(done, metrics)
+
     try:
         with PreemptionGuard() as guard:
             it = iter(data)
@@ -626,46 +673,23 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
                                              batch_sharding=jax.tree.map(lambda x: x.sharding,
                                                                          batch))
                 state, metrics = step_fn(state, batch)
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 step += 1
-                n_last += 1
-                last = m
-                for cb in callbacks:
-                    cb(step, m)
-                if m["skipped"]:
-                    nonfinite_in_a_row += 1
-                    writer.write({"step": step, "event": "nonfinite_skipped", "loss": m["loss"],
-                                  "grad_norm": m["grad_norm"],
-                                  "in_a_row": nonfinite_in_a_row}, pbar)
-                    if nonfinite_in_a_row >= tc.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{stage}: {nonfinite_in_a_row} non-finite losses in a row (last at "
-                            f"step {step}, loss={m['loss']}); stopping. The last checkpoint in "
-                            f"{workdir} is step {ckpt.latest_step()}. Lower train.{stage}."
-                            "learning_rate or check the data, then resume.")
-                else:
-                    nonfinite_in_a_row = 0
-                    for k, v in m.items():
-                        acc.setdefault(k, []).append(v)
-                pbar.update(1)
-                if step % tc.log_every == 0 or step == end:
-                    now = time.perf_counter()
-                    rec = {"step": step}
-                    rec.update({k: float(np.mean(v)) for k, v in acc.items() if k != "skipped"})
-                    rec["lr"] = m["lr"]
-                    rec["skipped"] = int(n_last - len(acc.get("loss", [])))
-                    rec["images_per_sec"] = tc.batch_size * n_last / max(now - t_last, 1e-9)
-                    for k in ("loss", "grad_norm"):
-                        rec.setdefault(k, float("nan"))
-                    writer.write(rec, pbar)
-                    pbar.set_postfix(loss=f"{rec['loss']:.4g}")
-                    acc, t_last, n_last = {}, now, 0
+                # the step just dispatched runs on the device while the host reads the previous
+                # step's metrics and prepares the next batch (no sync per step)
+                flush()
+                pending = (step, metrics)
+                if callbacks:  # callbacks see each step before the next one is dispatched
+                    flush()
+                stop = guard.should_stop(step)
+                if stop or ckpt.should_save(step):
+                    flush()  # a non-finite abort must not leave a checkpoint past it
                 ckpt.maybe_save(step, _checkpoint_tree(state, frozen), data.get_state())
-                if guard.should_stop(step):
+                if stop:
                     ckpt.save(step, _checkpoint_tree(state, frozen), data.get_state())
                     writer.write({"step": step, "event": "preempted_saved"}, pbar)
                     preempted = True
                     break
+            flush()
             if not preempted:
                 ckpt.save(step, _checkpoint_tree(state, frozen), data.get_state())
     finally:
