@@ -9,12 +9,14 @@ of the device (``--peak-tflops``, or a table of known accelerators; none on CPU)
     python benchmarks/train_throughput.py --config experiments/tiny.py --stage decoder --batch 8
     python benchmarks/train_throughput.py --config experiments/karlo.py --stage decoder \
         --batch 8 --dtype bfloat16           # on one H100 / TPU chip
+    ... --config.decoder.attention_resolutions="()"  # a variant (any --config.KEY=VALUE)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import config as cfg_lib
+from unclip_jax.train.cli import load_config, split_overrides
 from unclip_jax.train.losses import build_stage
 from unclip_jax.train.optim import make_optimizer
 from unclip_jax.train.state import TrainState
@@ -66,9 +69,14 @@ def main(argv=None) -> None:
     ap.add_argument("--wait-for", default=None, metavar="PATH",
                     help="compile and warm up, then time the steps only once PATH exists (lets "
                          "the compile overlap other work on the device; the timing does not)")
-    args = ap.parse_args(argv)
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(rest)
 
-    config = cfg_lib.load_config_file(args.config)
+    # --config.KEY=VALUE overrides, as for `unclip train` (e.g. time a variant without attention:
+    # --config.decoder.attention_resolutions="()" --config.decoder.use_middle_attention=false)
+    config = load_config(args.config, overrides)
+    if overrides:
+        print("overrides: " + " ".join(f"{k}={v}" for k, v in overrides.items()))
     if args.dtype:
         config.dtype = args.dtype
     dtype = cfg_lib.compute_dtype(config)

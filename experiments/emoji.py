@@ -36,6 +36,27 @@ continued from round 1's shipped weights (fresh optimizer), the same CLIP embedd
     unclip export --config experiments/emoji.py --workdir R --clip M --sr M --out NEW_M \
         --pca-from R/embeddings
 
+Round 3 (session 4; one 15-minute lease of one H200 GPU): the decoder continued from round 2's
+shipped weights at batch 256 (the same lr, Min-SNR-5) for 6771 steps of a planned 9600-step
+cosine schedule (stopped by the time budget: 1.73M images, 10x round 2), then the inpainting
+decoder 133 steps x 256 from it; CLIP, prior and upsampler are round 2's. One call of
+``experiments/emoji_gpu.sh`` did it all (the embeddings travelled as a 20 MB pack):
+
+    python -m unclip_jax.train.embed_pack pack R/embeddings .carry/emoji_train_pack.npz
+    MFU=0 STEP_S=0.026 TAIL=40 bash experiments/emoji_gpu.sh OUT 360 480   # on the GPU machine
+
+which runs, with M the shipped round-2 model:
+
+    python -m unclip_jax.train.embed_pack unpack PACK --model M --out R/embeddings
+    unclip train decoder --config experiments/emoji.py --workdir R/decoder --data R/embeddings \
+        --config.train.decoder.init_from=M --config.train.decoder.batch_size=256 \
+        --config.train.decoder.total_steps=9600          # SIGTERM at the deadline: step 6771
+    unclip train inpaint --config experiments/emoji.py --workdir R/inpaint --data R/embeddings \
+        --config.train.inpaint.init_from=R/decoder --config.train.inpaint.batch_size=256 \
+        --config.train.inpaint.total_steps=600 --config.train.inpaint.warmup_steps=50  # 133
+    unclip export --config experiments/emoji.py --clip M --prior M --sr M --decoder R/decoder \
+        --inpaint R/inpaint --out NEW_M --pca-from R/embeddings
+
 To train it further, start each stage from the shipped weights the same way
 (``--config.train.STAGE.init_from=unclip_jax/assets/emoji_model``).
 """

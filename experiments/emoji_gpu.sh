@@ -8,12 +8,14 @@
 # OUT: where results go (run.log, model + decoder checkpoint as a tar split into 15 MiB parts:
 #   `cat OUT/results.tar.part-* | tar x`). DEADLINE_S: seconds from the start by which decoder
 #   training stops (SIGTERM: the trainer checkpoints and exits). END_S: the whole script's budget
-#   (default DEADLINE_S + 200); the inpainting run stops 70 s before it.
+#   (default DEADLINE_S + 200); the inpainting run stops TAIL s before it.
 # Inputs in the repo root: .carry/emoji_train_pack.npz (`python -m unclip_jax.train.embed_pack
 #   pack R/embeddings .carry/emoji_train_pack.npz`: the 764 MB embeddings dir in 20 MB; unpacked
 #   here with the shipped CLIP), and optionally .whl/*.whl (our pinned flax / optax / orbax /
 #   ml_collections for a machine that lacks them). Env: BATCH (256), PY (python3),
-#   MFU_CONFIG (experiments/karlo.py), MFU_BATCH (64), R (work folder, /tmp/emoji_gpu).
+#   MFU_CONFIG (experiments/karlo.py), MFU_BATCH (64), MFU (1; 0 skips it), STEP_S (seconds per
+#   decoder step; skips the probe), TAIL (70: seconds kept after the inpainting run), R (work
+#   folder, /tmp/emoji_gpu).
 # The Karlo benchmark compiles in the background while the emoji runs use the GPU and times its
 #   steps only after they finish (benchmarks/train_throughput.py --wait-for).
 set -u
@@ -42,22 +44,27 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
 
 # 1. Karlo-scale decoder MFU: compile now (CPU), time later on an otherwise idle GPU.
 GO=$R/mfu_go
-( XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout $((END - 5)) $PY benchmarks/train_throughput.py \
+MFU_PID=
+[ "${MFU:-1}" = 1 ] && ( XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout $((END - 5)) $PY benchmarks/train_throughput.py \
     --config "${MFU_CONFIG:-experiments/karlo.py}" --stage decoder --batch "${MFU_BATCH:-64}" --dtype bfloat16 \
     --steps 10 --wait-for "$GO" > "$R/mfu.txt" 2>&1; echo "mfu exit $?" >> "$R/mfu.txt" ) &
-MFU_PID=$!
+[ "${MFU:-1}" = 1 ] && MFU_PID=$!
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.25
 
 # 2. The emoji training data, rebuilt with the shipped CLIP.
 log unpack
 $PY -m unclip_jax.train.embed_pack unpack .carry/emoji_train_pack.npz --model $M \
-  --out $R/embeddings --no-progress --batch-size 1024 || { log "unpack failed"; }
+  --out $R/embeddings --no-progress --batch-size 1024 || {
+  log "unpack failed: no training; the GPU is the benchmark's"
+  touch "$GO"; [ -n "$MFU_PID" ] && { wait $MFU_PID; cat "$R/mfu.txt"; }; exit 1; }
 
 # 3. Throughput of the emoji decoder step at this batch -> the schedule length that fits.
-log probe
-$PY benchmarks/train_throughput.py --config experiments/emoji.py --stage decoder --batch "$B" \
-  --steps 30 | tee "$R/probe.txt"
-STEP_S=$(sed -n 's/.*step_s=\([0-9.]*\).*/\1/p' "$R/probe.txt")
+if [ -z "${STEP_S:-}" ]; then
+  log probe
+  $PY benchmarks/train_throughput.py --config experiments/emoji.py --stage decoder \
+    --batch "$B" --steps 30 | tee "$R/probe.txt"
+  STEP_S=$(sed -n 's/.*step_s=\([0-9.]*\).*/\1/p' "$R/probe.txt")
+fi
 LEFT=$((DEADLINE - $(now) - 45))  # 45 s: the trainer's start, compile and final save
 STEPS=$($PY -c "print(max(500, int($LEFT / (${STEP_S:-0.05} * 1.15)) // 100 * 100))")
 log "decoder: batch $B, ${STEP_S}s/step measured, $STEPS steps planned in ${LEFT}s"
@@ -71,7 +78,7 @@ timeout -s TERM -k 60 $((DEADLINE - $(now))) $PY -m unclip_jax.cli train decoder
 log "decoder exit $?"
 
 # 5. Inpainting decoder from it (GLIDE-style extra channels), a short schedule.
-INP_S=$(( END - 70 - $(now) ))  # 70 s left for the export, the packing and the MFU timing
+INP_S=$(( END - ${TAIL:-70} - $(now) ))  # TAIL s left to export, pack and time the MFU
 timeout -s TERM -k 30 $INP_S $PY -m unclip_jax.cli train inpaint --config experiments/emoji.py \
   --workdir $R/inpaint --data $R/embeddings --no-progress \
   --config.train.inpaint.init_from=$R/decoder --config.train.inpaint.batch_size="$B" \
@@ -87,10 +94,9 @@ $PY -m unclip_jax.cli export --config experiments/emoji.py --clip $M --prior $M 
   --decoder $R/decoder --inpaint $INP --out $R/model --pca-from $R/embeddings
 log "export exit $?"
 LAST=$(ls $R/decoder 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
-tar cf - -C $R model decoder/metrics.jsonl inpaint/metrics.jsonl probe.txt \
+tar cf - -C $R model decoder/metrics.jsonl inpaint/metrics.jsonl \
   ${LAST:+decoder/$LAST} 2>/dev/null | split -b 15M - "$OUT/results.tar.part-"
 log "packed: $(ls "$OUT")"
 
-wait $MFU_PID
-cat "$R/mfu.txt"
+if [ -n "$MFU_PID" ]; then wait $MFU_PID; cat "$R/mfu.txt"; fi
 log done

@@ -290,6 +290,15 @@ def test_tfds_reader_feeds_embed_and_clip_training(tmp_path):
         loop.open_data("tfds:no_such_dataset:train@" + data_dir, "clip", _cfg(), 4)
 
 
+def test_bad_data_paths_say_what_is_wrong(tmp_path):
+    with pytest.raises(ConfigError, match="no such folder"):
+        loop.open_data(str(tmp_path / "missing"), "decoder", _cfg(), 4)
+    with pytest.raises(ConfigError, match="has no embeddings.json"):
+        loop.open_data(str(tmp_path), "decoder", _cfg(), 4)
+    with pytest.raises(ConfigError, match="use 'synthetic"):
+        loop.open_data("nonsense", "decoder", _cfg(), 4)
+
+
 def test_sharded_mesh_matches_one_device(tmp_path, devices):
     """data=2 x fsdp=2 on 4 of the 8 fake devices: sharded init + sharded step give the
     one-device run's loss (to float tolerance), with params sharded over fsdp."""

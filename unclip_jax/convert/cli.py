@@ -49,6 +49,7 @@ def save_clip_dir(params, config, out: str, tokenizer_dir: Optional[str] = None)
 
 def load_clip_dir(path: str):
     """``(params, CLIPConfig, tokenizer_dir)`` from a dir written by ``save_clip_dir``."""
+    import jax
     import orbax.checkpoint as ocp
 
     from unclip_jax.models.clip import CLIPConfig
@@ -57,7 +58,15 @@ def load_clip_dir(path: str):
         meta = json.load(f)
     if meta.get("format") != CLIP_FORMAT:
         raise ValueError(f"{path} is not a CLIP dir written by `unclip convert`")
-    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"))
+    ckptr = ocp.StandardCheckpointer()
+    params_dir = os.path.join(os.path.abspath(path), "params")
+    stored = ckptr.metadata(params_dir)
+    stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
+    # restore onto this process's first device (the stored shardings name the saving machine's)
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
+                          stored)
+    params = ckptr.restore(params_dir, target)
     return params, CLIPConfig.from_dict(meta["config"]), os.path.join(path, "tokenizer")
 
 

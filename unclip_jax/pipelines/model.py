@@ -295,6 +295,11 @@ def load(path: str) -> UnCLIP:
                             f"(this unclip_jax reads {list(STORAGE_DTYPES)})")
     if storage != "float32":
         abstract = _cast_for_storage(abstract, jnp.dtype(storage))
+    # restore onto this process's first device: the stored shardings name the devices of the
+    # machine that saved the dir (a CPU), which another platform (a GPU / TPU) does not have
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
+                            abstract)
     params_dir = os.path.join(path, "params")
     if not os.path.isdir(params_dir):
         raise ModelDirError(f"{path} has no params/ folder; the model dir is incomplete")

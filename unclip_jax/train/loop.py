@@ -426,6 +426,12 @@ def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0,
                                       f"{data_dir or 'default'!r}): {e}") from None
         reader.num_examples = reader.per_shard * epochs
         return reader
+    if os.path.isdir(spec):
+        raise cfg_lib.ConfigError(f"--data {spec}: the folder has no {EMBED_META}; make an "
+                                  "embeddings dir with `unclip embed`")
+    if os.sep in spec or spec.startswith("."):
+        raise cfg_lib.ConfigError(f"--data {spec}: no such folder (an embeddings dir from "
+                                  "`unclip embed` was expected)")
     raise cfg_lib.ConfigError(
         f"--data {spec!r}: use 'synthetic[:SIZE]', an embeddings dir (from `unclip embed`), or "
         "'tfds:NAME[:SPLIT][@DATA_DIR]'")
