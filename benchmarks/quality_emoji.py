@@ -41,6 +41,15 @@ def _floats(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t.strip()]
 
 
+def _methods(text: str) -> list[str]:
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [m for m in out if m not in quality.METHODS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {bad or text!r}; choose from {','.join(quality.METHODS)}")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="decoder guidance of the main table (default: the model's)")
     p.add_argument("--guidance-sweep", type=_floats, default=[1, 2, 3, 5, 8, 10])
+    p.add_argument("--methods", type=_methods, default=list(quality.METHODS),
+                   help="rows of the main table, comma-separated (default all: "
+                        f"{','.join(quality.METHODS)})")
     p.add_argument("--num-distractors", type=int, default=99)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--prior-guidance", type=float, default=None,
@@ -130,6 +142,8 @@ def main(argv: Optional[Sequence[str]] = None, *,
             model, eval_clip, cs, jax.random.fold_in(key, i),
             samples_per_concept=args.samples_per_concept, guidance=args.guidance,
             sweep=args.guidance_sweep, num_distractors=args.num_distractors,
+            methods=args.methods, sweep_methods=[m for m in ("unclip", "caption_only")
+                                                 if m in args.methods],
             batch_size=args.batch_size, score_at=args.score_at, seed=args.seed, log=log,
             **gen_kw)
     table = quality.markdown_table(results)

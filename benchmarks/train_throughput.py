@@ -10,6 +10,8 @@ of the device (``--peak-tflops``, or a table of known accelerators; none on CPU)
     python benchmarks/train_throughput.py --config experiments/karlo.py --stage decoder \
         --batch 8 --dtype bfloat16           # on one H100 / TPU chip
     ... --config.decoder.attention_resolutions="()"  # a variant (any --config.KEY=VALUE)
+    ... --config.decoder.attention_impl=cudnn        # fused (flash) attention on NVIDIA GPUs
+    ... --profile /tmp/trace                         # + a jax.profiler trace of 3 steps
 """
 from __future__ import annotations
 
@@ -69,6 +71,9 @@ def main(argv=None) -> None:
     ap.add_argument("--wait-for", default=None, metavar="PATH",
                     help="compile and warm up, then time the steps only once PATH exists (lets "
                          "the compile overlap other work on the device; the timing does not)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after timing, trace 3 more steps with jax.profiler into DIR (open with "
+                         "TensorBoard's profile plugin or Perfetto: which ops take the time)")
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(rest)
 
@@ -116,6 +121,12 @@ def main(argv=None) -> None:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
+    if args.profile:
+        with jax.profiler.trace(args.profile):
+            for _ in range(3):
+                state, m = compiled(state, batch)
+            jax.block_until_ready(m)
+        print(f"profile of 3 steps written to {args.profile}")
     n_params = sum(x.size for x in jax.tree.leaves(params))
     dev = jax.devices()[0]
     peak = args.peak_tflops or peak_tflops(dev)

@@ -212,3 +212,50 @@ def test_image_emb_row_is_conditioned_on_the_real_images():
         quality.Generator(model, prompts, jax.random.key(0), **kw).decode("image_emb", 3.0)
     with pytest.raises(ValueError, match="one per prompt"):
         gen(a[:2])
+
+
+def test_quality_benchmark_methods_subset(tmp_path):
+    """--methods keeps only the rows asked for (a large-n run of unCLIP alone); a bad name is
+    refused before anything runs."""
+    cfg = tmp_path / "tiny_eval_clip.py"
+    cfg.write_text(EVAL_CLIP_CONFIG)
+    bench = _load_script()
+    args = ["--model", "random:tiny", "--eval-clip", f"random:{cfg}", "--splits", "train",
+            "--num-concepts", "4", "--samples-per-concept", "1", "--guidance-sweep", "",
+            "--batch-size", "4", "--prior-steps", "2", "--decoder-steps", "2", "--sr-steps",
+            "2", "--grid-per-prompt", "0", "--out-dir", str(tmp_path / "out")]
+    out = bench.main(args + ["--methods", "unclip"], data={"train": fake_split(0)},
+                     model=_conditioned_tiny_model(), log=lambda m: None)
+    assert [x["method"] for x in out["results"]["train"]["rows"]] == ["real", "unclip"]
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(args + ["--methods", "unclip,dalle"])
+
+
+def test_tune_sampling_settings_parse_and_apply():
+    """tune_sampling_emoji.py: settings parse to typed (stage, key) overrides, apply to a
+    model's diffusion config and restore; bad stages / keys are refused by name."""
+    import importlib.util
+
+    from unclip_jax import cli
+
+    spec = importlib.util.spec_from_file_location(
+        "tune_sampling_emoji", os.path.join(ROOT, "benchmarks", "tune_sampling_emoji.py"))
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    s = tune.parse_setting("prior.num_candidates=4, decoder.guidance=2.5,sr.sample_steps=15")
+    assert s == {("prior", "num_candidates"): 4, ("decoder", "guidance"): 2.5,
+                 ("sr", "sample_steps"): 15}
+    assert tune.parse_setting("") == {}
+    with pytest.raises(ValueError, match="unknown stage"):
+        tune.parse_setting("clip.guidance=1")
+    with pytest.raises(ValueError, match="STAGE.KEY=VALUE"):
+        tune.parse_setting("guidance=1")
+    config = cli.load_model("random:tiny").config
+    before = config.diffusion.decoder.guidance
+    old = tune.apply_setting(config, s)
+    assert config.diffusion.decoder.guidance == 2.5
+    assert config.diffusion.sr.sample_steps == "15"  # string-typed keys stay strings
+    tune.apply_setting(config, old)
+    assert config.diffusion.decoder.guidance == before
+    with pytest.raises(KeyError, match="has no key 'nope'"):
+        tune.apply_setting(config, {("prior", "nope"): 1})

@@ -416,3 +416,18 @@ def test_init_from_a_model_dir_continues_from_its_weights(tmp_path):
     with pytest.raises(Exception, match="prior"):
         train("prior", bad, str(tmp_path / "q"), _src(), steps=0, progress=False,
               console=False)
+
+
+def test_override_decoder_field_the_file_leaves_at_default():
+    """Config files list only the UNet fields they change; --config.decoder.FIELD still sets
+    any UNetConfig field (typed from its default), and a non-field is still refused."""
+    from unclip_jax import config as cfg_lib
+
+    assert "attention_impl" not in _cfg().decoder
+    c = _cfg(**{"decoder.attention_impl": "xla", "decoder.remat": "true"})
+    d = cfg_lib.decoder_config(c)
+    assert d.attention_impl == "xla" and d.remat is True
+    with pytest.raises(ConfigError, match="unknown config key"):
+        _cfg(**{"decoder.attention_flavour": "xla"})
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        cfg_lib.decoder_config(_cfg(**{"decoder.attention_impl": "flash"}))

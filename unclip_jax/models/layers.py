@@ -163,17 +163,34 @@ class MultiHeadAttention(nn.Module):
         )(out)
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
+
+
 def dot_product_attention(
-    q: Array, k: Array, v: Array, mask: Optional[Array] = None, dtype: Dtype = jnp.float32
+    q: Array, k: Array, v: Array, mask: Optional[Array] = None, dtype: Dtype = jnp.float32,
+    impl: str = "einsum",
 ) -> Array:
     """Softmax attention. ``q [B, L, H, Dh]``, ``k, v [B, S, H, Dh]``, ``mask`` broadcastable to
-    ``[B, H, L, S]`` (True = attend). Softmax in fp32. Returns ``[B, L, H, Dh]``."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32) * scale
+    ``[B, H, L, S]`` (True = attend). Returns ``[B, L, H, Dh]``.
+
+    ``impl``: ``'einsum'`` (ours: fp32 logits ``[B, H, L, S]`` materialised, softmax in fp32),
+    or ``jax.nn.dot_product_attention`` with ``implementation`` ``'xla'``, ``'cudnn'`` (fused
+    flash attention on NVIDIA GPUs; needs bf16 / fp16 and ``Dh`` a multiple of 8 up to 128) or
+    ``'auto'`` (JAX picks). Rows whose keys are all masked are undefined for every impl."""
+    if impl == "einsum":
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        logits = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        return jnp.einsum("bhls,bshd->blhd", weights, v.astype(dtype))
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    return jnp.einsum("bhls,bshd->blhd", weights, v.astype(dtype))
+        mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
+        implementation=None if impl == "auto" else impl)
 
 
 class MLP(nn.Module):

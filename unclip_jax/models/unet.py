@@ -60,7 +60,13 @@ from unclip_jax.models.conditioning import (
     ClipEmbConditioning,
     apply_text_drop,
 )
-from unclip_jax.models.layers import Dense, dot_product_attention, partitioned, timestep_embedding
+from unclip_jax.models.layers import (
+    ATTENTION_IMPLS,
+    Dense,
+    dot_product_attention,
+    partitioned,
+    timestep_embedding,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -125,8 +131,15 @@ class UNetConfig:
     low_res_resize_method: str = "bilinear"
     inpaint: bool = False
     remat: bool = False  # rematerialise res / attention blocks (saves activation memory)
+    # attention kernel: 'einsum' (fp32 logits), 'xla' / 'cudnn' / 'auto' (jax.nn's fused op)
+    attention_impl: str = "einsum"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
+                             f"{self.attention_impl!r}")
 
     @property
     def time_embed_dim(self) -> int:
@@ -268,7 +281,8 @@ class AttentionBlock(nn.Module):
                 mask = jnp.concatenate(
                     [context_mask.astype(bool), jnp.ones((b, length), bool)], axis=1
                 )[:, None, None, :]
-        out = dot_product_attention(q, k, v, mask=mask, dtype=cfg.dtype).reshape(b, length, c)
+        out = dot_product_attention(q, k, v, mask=mask, dtype=cfg.dtype, impl=cfg.attention_impl)
+        out = out.reshape(b, length, c)
         out = dense(c, cfg, "proj_out", axes=("heads", "embed"), zero=True)(out)
         return x + out.reshape(b, hgt, wid, c).astype(x.dtype)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -91,6 +92,26 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return rest, overrides
 
 
+_MISSING = object()
+
+
+def _model_field_default(parts: Sequence[str]):
+    """The default of ``decoder.FIELD`` when FIELD is a ``UNetConfig`` field (config files list
+    only the fields they change, so ``--config.decoder.attention_impl=cudnn`` must still work);
+    ``_MISSING`` otherwise. Tuples become lists' parse targets; dtypes are not overridable here."""
+    import dataclasses
+
+    from unclip_jax.models.unet import UNetConfig
+
+    if len(parts) != 2 or parts[0] != "decoder":
+        return _MISSING
+    fields = {f.name: f for f in dataclasses.fields(UNetConfig)}
+    f = fields.get(parts[1])
+    if f is None or parts[1] in ("dtype", "param_dtype"):
+        return _MISSING
+    return getattr(UNetConfig(), f.name)
+
+
 def load_config(path: str, overrides: dict[str, str]):
     """``load_config_file`` with string overrides typed from the existing values."""
     from unclip_jax.config import ConfigError, load_config_file
@@ -103,6 +124,10 @@ def load_config(path: str, overrides: dict[str, str]):
             if not hasattr(node, "keys") or p not in node:
                 raise ConfigError(f"unknown config key {key!r} (no section {p!r})")
             node = node[p]
+        default = _model_field_default(parts)
+        if hasattr(node, "keys") and parts[-1] not in node and default is not _MISSING:
+            with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
+                node[parts[-1]] = default  # a UNetConfig field the file leaves at its default
         if not hasattr(node, "keys") or parts[-1] not in node:
             keys = sorted(node.keys()) if hasattr(node, "keys") else []
             raise ConfigError(f"unknown config key {key!r}; keys here: {keys}")
