@@ -36,6 +36,13 @@ continued from round 1's shipped weights (fresh optimizer), the same CLIP embedd
     unclip export --config experiments/emoji.py --workdir R --clip M --sr M --out NEW_M \
         --pca-from R/embeddings
 
+Round 3 is NOT the shipped model (the shipped one is round 2): its weights lived only on the
+session's machine and were lost with it before they were committed. Measured before that
+(quality_emoji.py, train split, seed 0, 100 concepts): unCLIP R-precision 0.46 (round 2: 0.27),
+oracle image emb 0.53, CLIP text emb 0.38, caption only 0.22. To redo it: on a CPU machine with
+network, ``bash experiments/emoji_gpu_prep.sh`` (data + embeddings + pack), then the commands
+below on a GPU, and commit the exported model in the same session.
+
 Round 3 (session 4; one 15-minute lease of one H200 GPU): the decoder continued from round 2's
 shipped weights at batch 256 (the same lr, Min-SNR-5) for 6771 steps of a planned 9600-step
 cosine schedule (stopped by the time budget: 1.73M images, 10x round 2), then the inpainting
