@@ -204,9 +204,17 @@ def test_train_cli(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key"):
         train_main(["prior", "--config", MICRO, "--workdir", wd, "--config.train.prior.nope=1"])
     # resuming with another schedule / model is refused, naming the key
-    with pytest.raises(ConfigError, match="train.learning_rate"):
+    with pytest.raises(ConfigError, match="train.learning_rate") as info:
         train_main(["prior", "--config", MICRO, "--workdir", wd, "--steps", "4",
                     "--config.train.prior.learning_rate=0.5", "--no-progress"])
+    # ... and the message says how to go on from the command line; following it works
+    assert f"--config.train.prior.init_from={wd}" in str(info.value)
+    wd2 = str(tmp_path / "cli2")
+    assert train_main(["prior", "--config", MICRO, "--workdir", wd2, "--steps", "1",
+                       "--data", "synthetic", "--no-progress",
+                       "--config.train.prior.learning_rate=0.5",
+                       f"--config.train.prior.init_from={wd}"]) == 0
+    assert sorted(int(d) for d in os.listdir(wd2) if d.isdigit()) == [1]
     with pytest.raises(ConfigError, match="diffusion.schedule"):
         train_main(["prior", "--config", MICRO, "--workdir", wd, "--steps", "4",
                     "--config.diffusion.prior.schedule=linear", "--no-progress"])

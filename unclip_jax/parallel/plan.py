@@ -827,10 +827,40 @@ def _no_persistent_cache_writes():
         jax.config.update(key, old)
 
 
+@contextlib.contextmanager
+def _elapsed_bar(desc: str):
+    """A tqdm bar that shows the elapsed time of a long, silent step (compiling a Karlo-size
+    UNet for a pod takes 15-20 minutes on 2 CPU cores); one plain line when stderr is not a
+    terminal."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    if not tty:  # a log file: one line, not a refresh every second
+        print(f"{desc} ...", file=sys.stderr, flush=True)
+    bar = tqdm(desc=desc, total=None, bar_format="{desc}: {elapsed}", file=sys.stderr, ncols=80,
+               disable=not tty, leave=False)
+    done = threading.Event()
+
+    def tick():
+        while not done.wait(1.0):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        bar.close()
+
+
 def _cost_of(lowered_fn: Callable[[], Any], name: str) -> StepCost:
     t0 = time.perf_counter()
     try:
-        with _no_persistent_cache_writes():
+        with _no_persistent_cache_writes(), _elapsed_bar(f"compiling the {name} step"):
             compiled = lowered_fn().compile()
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is a result, not a crash
         msg = str(e)

@@ -97,12 +97,16 @@ _MISSING = object()
 
 def _model_field_default(parts: Sequence[str]):
     """The default of ``decoder.FIELD`` when FIELD is a ``UNetConfig`` field (config files list
-    only the fields they change, so ``--config.decoder.attention_impl=cudnn`` must still work);
-    ``_MISSING`` otherwise. Tuples become lists' parse targets; dtypes are not overridable here."""
+    only the fields they change, so ``--config.decoder.attention_impl=cudnn`` must still work),
+    and of ``train.STAGE.init_from`` (``""``: start from scratch); ``_MISSING`` otherwise. Tuples become lists' parse targets; dtypes are not overridable here."""
     import dataclasses
 
     from unclip_jax.models.unet import UNetConfig
 
+    if len(parts) == 3 and parts[0] == "train" and parts[2] == "init_from":
+        from unclip_jax.train.loop import STAGE_KEYS  # every stage can start from weights
+
+        return "" if "init_from" in STAGE_KEYS.get(parts[1], ()) else _MISSING
     if len(parts) != 2 or parts[0] != "decoder":
         return _MISSING
     fields = {f.name: f for f in dataclasses.fields(UNetConfig)}
@@ -127,7 +131,7 @@ def load_config(path: str, overrides: dict[str, str]):
         default = _model_field_default(parts)
         if hasattr(node, "keys") and parts[-1] not in node and default is not _MISSING:
             with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
-                node[parts[-1]] = default  # a UNetConfig field the file leaves at its default
+                node[parts[-1]] = default  # a key the file leaves at its default
         if not hasattr(node, "keys") or parts[-1] not in node:
             keys = sorted(node.keys()) if hasattr(node, "keys") else []
             raise ConfigError(f"unknown config key {key!r}; keys here: {keys}")
@@ -196,7 +200,15 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
-    except (ConfigMismatchError, ExportError) as e:
+    except ConfigMismatchError as e:
+        stage = "STAGE" if args.stage == "all" else args.stage
+        raise ConfigError(
+            f"{e} From the command line: resume with the same --config.* overrides as the run "
+            f"that wrote {args.workdir} (--steps N stops earlier without changing the schedule), "
+            f"or continue under new settings in a new workdir: --workdir NEW "
+            f"--config.train.{stage}.init_from={args.workdir} (the weights carry over, the "
+            f"optimizer and schedule start afresh).") from None
+    except ExportError as e:
         raise ConfigError(str(e)) from None
 
 
