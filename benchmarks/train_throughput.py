@@ -1,10 +1,11 @@
 """Training throughput: images (or embeddings) per second and model FLOPs utilisation (MFU).
 
 Builds the real train step of a stage (the loss of ``unclip_jax.train.losses``, AdamW, EMA,
-compute dtype from ``--dtype``), jits it, reads the FLOPs of one step from the compiled
-executable (``cost_analysis``: forward + backward + optimizer, XLA's count), and times
-``--steps`` steps after a warm-up (median). MFU = FLOPs per step / step time / peak FLOP/s
-of the device (``--peak-tflops``, or a table of known accelerators; none on CPU).
+compute dtype from ``--dtype``), jits it, counts the FLOPs of one step (forward + backward +
+optimizer) from the *lowered*, backend-independent HLO (``unclip_jax.utils.flops``: the compiled
+executable's count misses the convolutions that XLA hands to cuDNN on GPUs, ~15x too low for a
+UNet), and times ``--steps`` steps after a warm-up (median). MFU = FLOPs per step / step time /
+peak FLOP/s of the device (``--peak-tflops``, or a table of known accelerators; none on CPU).
 
     python benchmarks/train_throughput.py --config experiments/tiny.py --stage decoder --batch 8
     python benchmarks/train_throughput.py --config experiments/karlo.py --stage decoder \
@@ -12,6 +13,7 @@ of the device (``--peak-tflops``, or a table of known accelerators; none on CPU)
     ... --config.decoder.attention_resolutions="()"  # a variant (any --config.KEY=VALUE)
     ... --config.decoder.attention_impl=cudnn        # fused (flash) attention on NVIDIA GPUs
     ... --profile /tmp/trace                         # + a jax.profiler trace of 3 steps
+    ... --count-only                                 # FLOPs per step only (any machine)
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from unclip_jax.train.losses import build_stage
 from unclip_jax.train.optim import make_optimizer
 from unclip_jax.train.state import TrainState
 from unclip_jax.train.step import make_train_step
+from unclip_jax.utils.flops import compiled_flops, lowered_flops
 
 # Dense bf16 peak FLOP/s per chip.
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
@@ -71,6 +74,9 @@ def main(argv=None) -> None:
     ap.add_argument("--wait-for", default=None, metavar="PATH",
                     help="compile and warm up, then time the steps only once PATH exists (lets "
                          "the compile overlap other work on the device; the timing does not)")
+    ap.add_argument("--count-only", action="store_true",
+                    help="only count the model FLOPs of one step (abstract shapes: no weights, no "
+                         "compile; seconds on a CPU even for the Karlo decoder), then exit")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="after timing, trace 3 more steps with jax.profiler into DIR (open with "
                          "TensorBoard's profile plugin or Perfetto: which ops take the time)")
@@ -87,23 +93,36 @@ def main(argv=None) -> None:
     dtype = cfg_lib.compute_dtype(config)
     stage = build_stage(args.stage, config)
     optimizer = make_optimizer(dict(learning_rate=1e-4, warmup_steps=0, total_steps=10_000))
-    params = jax.jit(lambda k: jax.tree.map(lambda x: x, stage.init(k)))(
-        jax.random.key(0, impl="rbg"))
     import flax.linen as nn
-    params = nn.meta.unbox(params)
-    state = TrainState.create(params, optimizer, jax.random.PRNGKey(0))
+
     step = jax.jit(make_train_step(stage.make_loss(stage.frozen), optimizer, ema_decay=0.999,
                                    compute_dtype=dtype), donate_argnums=0)
     host = stage.prepare(synthetic_batch(config, args.stage, args.batch,
                                          np.random.default_rng(0)))
+    if args.count_only:
+        params = nn.meta.unbox(jax.eval_shape(stage.init, jax.random.key(0, impl="rbg")))
+        state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
+                               params)
+        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                            host)
+        flops = lowered_flops(step.lower(state, spec))
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        print(f"stage={args.stage} config={config.get('name')} params={n_params:,} "
+              f"batch={args.batch} dtype={jnp.dtype(dtype).name}")
+        print(f"tflops_per_step={flops / 1e12:.4f} gflops_per_example={flops / args.batch / 1e9:.2f}")
+        return
+    params = jax.jit(lambda k: jax.tree.map(lambda x: x, stage.init(k)))(
+        jax.random.key(0, impl="rbg"))
+    params = nn.meta.unbox(params)
+    state = TrainState.create(params, optimizer, jax.random.PRNGKey(0))
     batch = jax.tree.map(jnp.asarray, host)
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    lowered = step.lower(state, batch)
+    flops = lowered_flops(lowered)  # the model's FLOPs, the same count on every backend
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    xla_flops = compiled_flops(compiled)  # what the backend counts (misses cuDNN convs on GPU)
 
     state, m = compiled(state, batch)  # warm-up
     jax.block_until_ready(m)
@@ -135,7 +154,8 @@ def main(argv=None) -> None:
           f"dtype={jnp.dtype(dtype).name}")
     print(f"compile_s={compile_s:.1f} step_s={step_s:.4f} (median of {args.steps})")
     print(f"images_per_s={args.batch / step_s:.1f}")
-    print(f"tflops_per_step={flops / 1e12:.4f} achieved_tflops={flops / step_s / 1e12:.3f}")
+    print(f"tflops_per_step={flops / 1e12:.4f} achieved_tflops={flops / step_s / 1e12:.3f} "
+          f"(compiled executable's own count: {xla_flops / 1e12:.4f} TFLOP)")
     if peak:
         print(f"mfu={flops / step_s / (peak * 1e12):.3f} (peak {peak} TFLOP/s)")
     else:
