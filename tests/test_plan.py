@@ -135,6 +135,30 @@ def test_suggestion_moves_data_parallelism_to_fsdp():
     assert r2.param_bytes_per_device == pytest.approx(r2.param_bytes_total / 4, rel=0.01)
 
 
+def test_refusal_naming_only_temporaries_gives_a_batch_that_fits(monkeypatch):
+    """libtpu may refuse with "memory required for HLO temporaries (X) exceeds available HBM"
+    (seen compiling the paper decoder for v4-32 at 8 images per chip): the report counts those
+    temporaries, and the suggestion is a smaller batch, not the mesh that just failed."""
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (42.42G) exceeds available HBM (30.75G).")
+
+    def refuse():
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(plan_lib, "_compile_train",
+                        lambda spec, mesh, dtype: plan_lib._cost_of(refuse, "train"))
+    r = plan(PAPER, "decoder", "v4:2x2x4", mesh="data=1,fsdp=16,tensor=1", batch_size=128,
+             compile_sample=False)
+    assert not r.fits and not r.train.compiled
+    assert r.train.temp_bytes == int(42.42 * GiB)
+    assert r.train.peak_bytes == (r.train.temp_bytes + r.state_bytes_per_device
+                                  + r.batch_bytes_per_device)
+    assert "per-device batch unchanged" not in r.suggestion
+    per_device = int(r.suggestion.split("global batch <= ")[1].split()[0]) // 16
+    assert 1 <= per_device < 8, r.suggestion  # 8 per chip did not fit
+    assert "NOT COMPILED (needs " in r.to_text()
+
+
 def test_plan_main_estimate_only(capsys):
     rc = plan_main(["--config", TINY, "--stage", "prior", "--topology", "v5p:2x2x1",
                     "--estimate-only", "--batch", "8", "--markdown"])

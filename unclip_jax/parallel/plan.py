@@ -538,7 +538,9 @@ class StepCost:
 
     ``peak_bytes`` = arguments + outputs - aliased + temporaries + generated code.
     ``error`` is the compiler's message when it refused (e.g. RESOURCE_EXHAUSTED: out of HBM);
-    then ``peak_bytes`` is the 'Used' figure of that message when it has one.
+    then ``peak_bytes`` is the 'Used' figure of that message when it has one, else (when the
+    message names only the HLO temporaries, kept in ``temp_bytes``) those plus the train state
+    and batch.
     """
 
     name: str
@@ -807,8 +809,22 @@ _USED_RE = re.compile(r"Used\s+([0-9.]+)([KMGT]?)\s+of\s+([0-9.]+)([KMGT]?)\s+hb
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
 
 
+# libtpu's other refusal: "... the total memory required for HLO temporaries (42.42G) exceeds
+# available HBM (30.75G)" -- temporaries only (the train state and batch come on top)
+_TEMPS_RE = re.compile(r"HLO temporaries\s*\(([0-9.]+)([KMGT]?)\)", re.I)
+
+
 def _parse_oom(msg: str) -> Optional[int]:
+    """The 'Used X of Y hbm' figure of an out-of-HBM message (bytes), or None."""
     m = _USED_RE.search(msg or "")
+    if not m:
+        return None
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _parse_oom_temps(msg: str) -> Optional[int]:
+    """The 'HLO temporaries (X)' figure of an out-of-HBM message (bytes), or None."""
+    m = _TEMPS_RE.search(msg or "")
     if not m:
         return None
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
@@ -866,7 +882,8 @@ def _cost_of(lowered_fn: Callable[[], Any], name: str) -> StepCost:
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "hbm" not in msg.lower():
             raise
-        return StepCost(name, False, peak_bytes=_parse_oom(msg) or 0, error=msg,
+        return StepCost(name, False, peak_bytes=_parse_oom(msg) or 0,
+                        temp_bytes=_parse_oom_temps(msg) or 0, error=msg,
                         compile_seconds=time.perf_counter() - t0)
     dt = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -974,7 +991,9 @@ def suggest_mesh(report: PlanReport, headroom: float = 0.9) -> Optional[str]:
     label = "estimate, not compiled"
     if report.fits and est(f) <= budget:
         return None
-    candidates = [f2 for f2 in _divisors(n // t) if f2 >= f]
+    # the current mesh at the same batch is no suggestion: either it fits (handled above) or
+    # it is over budget
+    candidates = [f2 for f2 in _divisors(n // t) if f2 > f]
     for f2 in candidates:
         if est(f2) <= budget:
             d2 = n // (f2 * t)
@@ -1096,6 +1115,11 @@ def plan(config, stage: str, topology: Union[str, Topology, None] = None, *,
         dmesh = make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
         if compile_train:
             report.train = _compile_train(spec, dmesh, cdtype)
+            tr = report.train
+            if not tr.compiled and not tr.peak_bytes and tr.temp_bytes:
+                # refused with only the temporaries named: the peak is at least those plus the
+                # train state and batch the step takes as arguments
+                tr.peak_bytes = tr.temp_bytes + state_dev + batch_dev
         if compile_sample and spec.sample_fn is not None:
             report.sample = _compile_sample(spec, dmesh, cdtype)
     if suggest and not report.fits:
