@@ -36,7 +36,7 @@ continued from round 1's shipped weights (fresh optimizer), the same CLIP embedd
     unclip export --config experiments/emoji.py --workdir R --clip M --sr M --out NEW_M \
         --pca-from R/embeddings
 
-Round 3 is NOT the shipped model (the shipped one is round 2): its weights lived only on the
+Round 3 is NOT in the shipped model (which is round 2 + round 4 below): its weights lived only on the
 session's machine and were lost with it before they were committed. Measured before that
 (quality_emoji.py, train split, seed 0, 100 concepts): unCLIP R-precision 0.46 (round 2: 0.27),
 oracle image emb 0.53, CLIP text emb 0.38, caption only 0.22. To redo it: on a CPU machine with
@@ -72,6 +72,21 @@ Then, on 2 CPU cores (30 min), the upsampler from round 1's weights (scoring at 
         --config.train.sr.warmup_steps=100                                # MSE 0.035 -> 0.013
     unclip export --config experiments/emoji.py --clip M --prior M --sr R/sr \
         --decoder R/decoder --inpaint GPU_M --out NEW_M --pca-from R/embeddings
+
+Round 4 (session 6; the shipped model): on a fresh machine, data and embeddings rebuilt with
+``bash experiments/emoji_gpu_prep.sh`` (R = /work/runs/emoji), then the decoder alone continued
+from round 2's shipped weights on 2 CPU cores (about 1 hour, beside pod-plan compiles; SIGTERM
+and a resume at step 652 on the way):
+
+    unclip train decoder --config experiments/emoji.py --workdir R4/decoder --data R/embeddings \
+        --config.train.decoder.init_from=M --config.train.decoder.total_steps=4000 \
+        --config.train.decoder.warmup_steps=100 --config.train.decoder.learning_rate=2e-4 \
+        --steps 3000                                  # stopped at 3000 of the 4000-step schedule
+    unclip export --config experiments/emoji.py --clip M --prior M --sr M --inpaint M \
+        --decoder R4/decoder --out NEW_M --pca-from R/embeddings
+
+CLIP, prior, upsampler and the inpainting decoder are round 2's (the inpainting decoder was not
+re-fine-tuned from the round-4 decoder).
 
 To train it further, start each stage from the shipped weights the same way
 (``--config.train.STAGE.init_from=unclip_jax/assets/emoji_model``).
