@@ -82,11 +82,12 @@ and a resume at step 652 on the way):
         --config.train.decoder.init_from=M --config.train.decoder.total_steps=4000 \
         --config.train.decoder.warmup_steps=100 --config.train.decoder.learning_rate=2e-4 \
         --steps 3000                                  # stopped at 3000 of the 4000-step schedule
-    unclip export --config experiments/emoji.py --clip M --prior M --sr M --inpaint M \
-        --decoder R4/decoder --out NEW_M --pca-from R/embeddings
+    unclip train inpaint --config experiments/emoji.py --workdir R4/inpaint --data R/embeddings \
+        --config.train.inpaint.init_from=R4/decoder --config.train.inpaint.total_steps=300
+    unclip export --config experiments/emoji.py --clip M --prior M --sr M \
+        --decoder R4/decoder --inpaint R4/inpaint --out NEW_M --pca-from R/embeddings
 
-CLIP, prior, upsampler and the inpainting decoder are round 2's (the inpainting decoder was not
-re-fine-tuned from the round-4 decoder).
+CLIP, prior and upsampler are round 2's.
 
 To train it further, start each stage from the shipped weights the same way
 (``--config.train.STAGE.init_from=unclip_jax/assets/emoji_model``).
