@@ -109,7 +109,8 @@ def main(argv=None) -> None:
         n_params = sum(x.size for x in jax.tree.leaves(params))
         print(f"stage={args.stage} config={config.get('name')} params={n_params:,} "
               f"batch={args.batch} dtype={jnp.dtype(dtype).name}")
-        print(f"tflops_per_step={flops / 1e12:.4f} gflops_per_example={flops / args.batch / 1e9:.2f}")
+        print(f"tflops_per_step={flops / 1e12:.4f} "
+              f"gflops_per_example={flops / args.batch / 1e9:.2f}")
         return
     params = jax.jit(lambda k: jax.tree.map(lambda x: x, stage.init(k)))(
         jax.random.key(0, impl="rbg"))

@@ -36,8 +36,8 @@ continued from round 1's shipped weights (fresh optimizer), the same CLIP embedd
     unclip export --config experiments/emoji.py --workdir R --clip M --sr M --out NEW_M \
         --pca-from R/embeddings
 
-Round 3 is NOT in the shipped model (which is round 2 + round 4 below): its weights lived only on the
-session's machine and were lost with it before they were committed. Measured before that
+Round 3 is NOT in the shipped model (which is round 2 + round 4 below): its weights lived only
+on the session's machine and were lost with it before they were committed. Measured before that
 (quality_emoji.py, train split, seed 0, 100 concepts): unCLIP R-precision 0.46 (round 2: 0.27),
 oracle image emb 0.53, CLIP text emb 0.38, caption only 0.22. To redo it: on a CPU machine with
 network, ``bash experiments/emoji_gpu_prep.sh`` (data + embeddings + pack), then the commands

@@ -2,13 +2,12 @@
 with the CPU compiler's (which, unlike XLA GPU's, keeps convolutions as HLO ops)."""
 import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from unclip_jax.utils.flops import compiled_flops, conv_flops, lowered_flops
+from unclip_jax.utils.flops import conv_flops, lowered_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

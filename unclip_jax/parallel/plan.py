@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from unclip_jax.utils.flops import cost_dict
+
 GiB = 1024 ** 3
 
 # --------------------------------------------------------------------------------------------
@@ -814,17 +816,10 @@ _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
 _TEMPS_RE = re.compile(r"HLO temporaries\s*\(([0-9.]+)([KMGT]?)\)", re.I)
 
 
-def _parse_oom(msg: str) -> Optional[int]:
-    """The 'Used X of Y hbm' figure of an out-of-HBM message (bytes), or None."""
-    m = _USED_RE.search(msg or "")
-    if not m:
-        return None
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def _parse_oom_temps(msg: str) -> Optional[int]:
-    """The 'HLO temporaries (X)' figure of an out-of-HBM message (bytes), or None."""
-    m = _TEMPS_RE.search(msg or "")
+def _parse_oom(msg: str, pattern: re.Pattern = _USED_RE) -> Optional[int]:
+    """The byte figure ``pattern`` finds in an out-of-HBM message (default: 'Used X of Y hbm';
+    ``_TEMPS_RE``: 'HLO temporaries (X)'), or None."""
+    m = pattern.search(msg or "")
     if not m:
         return None
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
@@ -883,14 +878,11 @@ def _cost_of(lowered_fn: Callable[[], Any], name: str) -> StepCost:
         if "RESOURCE_EXHAUSTED" not in msg and "hbm" not in msg.lower():
             raise
         return StepCost(name, False, peak_bytes=_parse_oom(msg) or 0,
-                        temp_bytes=_parse_oom_temps(msg) or 0, error=msg,
+                        temp_bytes=_parse_oom(msg, _TEMPS_RE) or 0, error=msg,
                         compile_seconds=time.perf_counter() - t0)
     dt = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    cost = cost or {}
+    cost = cost_dict(compiled.cost_analysis())
     arg = int(getattr(mem, "argument_size_in_bytes", 0))
     out = int(getattr(mem, "output_size_in_bytes", 0))
     alias = int(getattr(mem, "alias_size_in_bytes", 0))

@@ -98,7 +98,8 @@ _MISSING = object()
 def _model_field_default(parts: Sequence[str]):
     """The default of ``decoder.FIELD`` when FIELD is a ``UNetConfig`` field (config files list
     only the fields they change, so ``--config.decoder.attention_impl=cudnn`` must still work),
-    and of ``train.STAGE.init_from`` (``""``: start from scratch); ``_MISSING`` otherwise. Tuples become lists' parse targets; dtypes are not overridable here."""
+    and of ``train.STAGE.init_from`` (``""``: start from scratch); ``_MISSING`` otherwise.
+    Tuples become lists' parse targets; dtypes are not overridable here."""
     import dataclasses
 
     from unclip_jax.models.unet import UNetConfig

@@ -14,10 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 
-def _flops_of(cost: Any) -> float:
+def cost_dict(cost: Any) -> dict:
+    """A ``cost_analysis()`` result as one dict (JAX versions return a dict, a one-element list
+    of dicts, or None)."""
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
+    return dict(cost or {})
+
+
+def _flops_of(cost: Any) -> float:
+    return float(cost_dict(cost).get("flops", 0.0))
 
 
 def lowered_flops(lowered) -> float:
