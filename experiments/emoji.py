@@ -89,7 +89,7 @@ and a resume at step 652 on the way):
 
 CLIP, prior and upsampler are round 2's.
 
-Round 5 (session 7; the shipped model): on a fresh machine, data and embeddings rebuilt the same
+Round 5 (session 7): on a fresh machine, data and embeddings rebuilt the same
 way, then on 2 CPU cores, side by side (decoder 1.8 hours, upsampler 1.2 hours), both from the
 round-4 shipped model M:
 
@@ -105,6 +105,21 @@ round-4 shipped model M:
 
 CLIP, prior and the inpainting decoder are round 4's (the inpainting decoder was not re-tuned
 from the round-5 decoder).
+
+Round 6 (session 9; the shipped model): on a fresh machine, data and embeddings rebuilt the same
+way, then on 2 CPU cores the decoder from the round-5 shipped model M (about 1.5 hours, beside
+the evaluation CLIP's 13 minutes), and the inpainting decoder re-tuned from it:
+
+    unclip train decoder --config experiments/emoji.py --workdir R6/decoder --data R/embeddings \
+        --config.train.decoder.init_from=M --config.train.decoder.total_steps=4000 \
+        --config.train.decoder.warmup_steps=100 --config.train.decoder.learning_rate=2e-4 \
+        --steps 4000
+    unclip train inpaint --config experiments/emoji.py --workdir R6/inpaint --data R/embeddings \
+        --config.train.inpaint.init_from=R6/decoder --config.train.inpaint.total_steps=300
+    unclip export --config experiments/emoji.py --clip M --prior M --sr M \
+        --decoder R6/decoder --inpaint R6/inpaint --out NEW_M --pca-from R/embeddings
+
+CLIP is round 1's, the prior round 2's, the upsampler round 5's.
 
 To train it further, start each stage from the shipped weights the same way
 (``--config.train.STAGE.init_from=unclip_jax/assets/emoji_model``).
