@@ -107,7 +107,7 @@ CLIP, prior and the inpainting decoder are round 4's (the inpainting decoder was
 from the round-5 decoder).
 
 Round 6 (session 9; the shipped model): on a fresh machine, data and embeddings rebuilt the same
-way, then on 2 CPU cores the decoder from the round-5 shipped model M (about 1.5 hours, beside
+way, then on 2 CPU cores the decoder from the round-5 shipped model M (about 1.4 hours, beside
 the evaluation CLIP's 13 minutes), and the inpainting decoder re-tuned from it:
 
     unclip train decoder --config experiments/emoji.py --workdir R6/decoder --data R/embeddings \
