@@ -2,9 +2,9 @@
 # One CPU round of the shipped emoji model, from a fresh machine to a measured candidate model:
 # data + embeddings, the evaluation CLIP, STEPS more decoder steps from the shipped weights, the
 # inpainting decoder re-tuned from that decoder, export, the shipped-model test on the candidate,
-# and the quality tables of both splits (rounds 4-7 were made this way, by hand before round 7).
+# and the quality tables of both splits (rounds 4-6 ran these steps by hand; round 7 ran this script).
 #
-#   bash experiments/emoji_cpu_round.sh NAME [STEPS]      # e.g. r7 4000 (~75 min of decoder)
+#   bash experiments/emoji_cpu_round.sh NAME [STEPS]   # e.g. r7 4000 (~1.5 h of decoder on 2 cores)
 #
 # Everything is resumable: the trainers resume from their workdirs, finished steps are skipped,
 # so after an interruption run the same command again. Outputs, with R = $R (runs/emoji):
