@@ -17,7 +17,10 @@
 # and commit at once (the runs folder does not outlive the machine).
 # Env: R (runs/emoji), DATA_DIR (tfds data, ~/tensorflow_datasets), LR (2e-4), STOP_AT (stop the
 #   decoder at this step of its STEPS-step cosine schedule: a time budget; default STEPS), INPAINT_STEPS
-#   (300), QUALITY (1; 0 skips the ~32 min of quality runs), PY (python3).
+#   (300), QUALITY (1; 0 skips the ~32 min of quality runs), PY (python3), DEC_CONFIG (extra
+#   --config.decoder.* overrides for the decoder, inpainting decoder and export, e.g.
+#   "--config.decoder.attention_resolutions=(16,8)": a decoder grown from the shipped one with
+#   train.decoder.init_partial, new modules starting fresh; round 8 ran this).
 set -euo pipefail
 NAME=${1:?usage: emoji_cpu_round.sh NAME [STEPS]}
 STEPS=${2:-4000}
@@ -28,6 +31,9 @@ M=unclip_jax/assets/emoji_model
 W=$R/$NAME
 CFG=experiments/emoji.py
 mkdir -p "$W"
+read -r -a DEC <<< "${DEC_CONFIG:-}"
+GROW=()
+[ -z "${DEC_CONFIG:-}" ] || GROW=(--config.train.decoder.init_partial=true)
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 unclip() { $PY -m unclip_jax.cli "$@"; }
 
@@ -40,18 +46,18 @@ unclip train clip --config experiments/emoji_eval_clip.py --workdir "$R/eval_cli
 
 log "3/7 decoder: $STEPS steps from the shipped weights"
 unclip train decoder --config $CFG --workdir "$W/decoder" --data "$R/embeddings" --no-progress \
-  --config.train.decoder.init_from=$M --config.train.decoder.total_steps="$STEPS" \
+  "${DEC[@]}" "${GROW[@]}" --config.train.decoder.init_from=$M --config.train.decoder.total_steps="$STEPS" \
   --config.train.decoder.warmup_steps=100 --config.train.decoder.learning_rate="${LR:-2e-4}" \
   --steps "${STOP_AT:-$STEPS}"
 
 log "4/7 inpainting decoder from it"
 unclip train inpaint --config $CFG --workdir "$W/inpaint" --data "$R/embeddings" --no-progress \
-  --config.train.inpaint.init_from="$W/decoder" \
+  "${DEC[@]}" --config.train.inpaint.init_from="$W/decoder" \
   --config.train.inpaint.total_steps="${INPAINT_STEPS:-300}"
 
 log "5/7 export -> $W/model"
 rm -rf "$W/model"
-unclip export --config $CFG --clip $M --prior $M --sr $M --decoder "$W/decoder" \
+unclip export --config $CFG "${DEC[@]}" --clip $M --prior $M --sr $M --decoder "$W/decoder" \
   --inpaint "$W/inpaint" --out "$W/model" --pca-from "$R/embeddings"
 
 log "6/7 the shipped-model test, on the candidate"

@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     # snr_gamma > 0: Min-SNR-gamma weighting of the decoder's L_simple (Hang et al. 2023; 0: off)
     c.train.decoder = train(vlb_weight=0.001, snr_gamma=0.0)
     c.train.sr = train(crop_size=16, blur_sigma=(0.4, 0.6), blur_kernel=3)
+    # init_from (any stage; the file may leave it out): a model dir or workdir to start from.
+    # init_partial (clip / prior / decoder / sr; default false): the config adds modules to
+    # init_from's (e.g. attention at another resolution); those start fresh, the rest is copied.
     # inpaint: fine-tuned from the decoder (init_from: a decoder workdir or a model dir).
     c.train.inpaint = train(vlb_weight=0.001, init_from="", mask_min_frac=0.25,
                             mask_max_frac=0.75, mask_p_keep_all=0.0)

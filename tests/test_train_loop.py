@@ -426,6 +426,49 @@ def test_init_from_a_model_dir_continues_from_its_weights(tmp_path):
               console=False)
 
 
+def test_init_partial_grows_a_model_without_changing_its_function(tmp_path):
+    """train.decoder.init_partial: a config that adds modules (here the middle attention) starts
+    from a model dir's decoder; every trained leaf is copied, the new ones keep their fresh init,
+    and since the new residual branch's output layer is zero-initialised the grown UNet computes
+    exactly what the trained one did. Without the flag, or when shapes differ, it refuses."""
+    from unclip_jax import config as cfg_lib
+    from unclip_jax.models.unet import UNet, dummy_inputs
+    from unclip_jax.pipelines import model as model_lib
+
+    trained = model_lib.load(FIXTURE_MODEL).params["decoder"]
+    grow = {"decoder.use_middle_attention": "true",
+            "train.decoder.init_from": FIXTURE_MODEL}
+    with pytest.raises(ValueError, match="init_partial=true"):
+        train("decoder", _cfg(**grow), str(tmp_path / "a"), _src(), steps=0, progress=False,
+              console=False)
+    cfg = _cfg(**grow, **{"train.decoder.init_partial": "true"})
+    res = train("decoder", cfg, str(tmp_path / "b"), _src(), steps=0, progress=False,
+                console=False)
+    grown = _host(res.state.params)
+    new = [k for k in grown if k not in trained]
+    assert new and all("middle" in k for k in new)
+    _assert_bitwise({k: grown[k] for k in trained}, trained)
+    assert any(np.abs(a).sum() > 0 for a in jax.tree.leaves({k: grown[k] for k in new}))
+    _assert_bitwise(_host(res.state.ema_params), grown)
+
+    old_cfg = cfg_lib.decoder_config(_cfg())
+    new_cfg = cfg_lib.decoder_config(cfg)
+    kw = dummy_inputs(old_cfg, batch=2)
+    rng = np.random.default_rng(0)
+    kw = {k: (rng.normal(size=v.shape).astype(np.float32) if v.dtype == np.float32 else v)
+          for k, v in kw.items()}
+    kw["t"] = np.array([10, 700], np.int32)
+    a = UNet(old_cfg).apply({"params": trained}, **kw)
+    b = UNet(new_cfg).apply({"params": grown}, **kw)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    wide = _cfg(**{"decoder.model_channels": "16", "train.decoder.init_from": FIXTURE_MODEL,
+                   "train.decoder.init_partial": "true"})
+    with pytest.raises(ValueError, match="has shape"):
+        train("decoder", wide, str(tmp_path / "c"), _src(), steps=0, progress=False,
+              console=False)
+
+
 def test_override_decoder_field_the_file_leaves_at_default():
     """Config files list only the UNet fields they change; --config.decoder.FIELD still sets
     any UNetConfig field (typed from its default), and a non-field is still refused."""

@@ -98,16 +98,18 @@ _MISSING = object()
 def _model_field_default(parts: Sequence[str]):
     """The default of ``decoder.FIELD`` when FIELD is a ``UNetConfig`` field (config files list
     only the fields they change, so ``--config.decoder.attention_impl=cudnn`` must still work),
-    and of ``train.STAGE.init_from`` (``""``: start from scratch); ``_MISSING`` otherwise.
+    and of ``train.STAGE.init_from`` (``""``: start from scratch) and ``train.STAGE.init_partial``
+    (``False``); ``_MISSING`` otherwise.
     Tuples become lists' parse targets; dtypes are not overridable here."""
     import dataclasses
 
     from unclip_jax.models.unet import UNetConfig
 
-    if len(parts) == 3 and parts[0] == "train" and parts[2] == "init_from":
+    if len(parts) == 3 and parts[0] == "train" and parts[2] in ("init_from", "init_partial"):
         from unclip_jax.train.loop import STAGE_KEYS  # every stage can start from weights
 
-        return "" if "init_from" in STAGE_KEYS.get(parts[1], ()) else _MISSING
+        default = "" if parts[2] == "init_from" else False
+        return default if parts[2] in STAGE_KEYS.get(parts[1], ()) else _MISSING
     if len(parts) != 2 or parts[0] != "decoder":
         return _MISSING
     fields = {f.name: f for f in dataclasses.fields(UNetConfig)}

@@ -77,15 +77,16 @@ COMMON_KEYS = {
     "end_lr_ratio", "init_lr_ratio",
 }
 STAGE_KEYS = {
-    "clip": {"init_from"},
-    "prior": {"init_from"},
-    "decoder": {"vlb_weight", "snr_gamma", "init_from"},
-    "sr": {"crop_size", "blur_sigma", "blur_kernel", "index", "init_from"},
+    "clip": {"init_from", "init_partial"},
+    "prior": {"init_from", "init_partial"},
+    "decoder": {"vlb_weight", "snr_gamma", "init_from", "init_partial"},
+    "sr": {"crop_size", "blur_sigma", "blur_kernel", "index", "init_from", "init_partial"},
     "inpaint": {"vlb_weight", "snr_gamma", "init_from", "mask_min_frac", "mask_max_frac",
                 "mask_p_keep_all"},
 }
 # Keys that may change between a run and its resume (not compared with the checkpoint's config).
-VOLATILE_KEYS = ("save_every", "keep_last", "log_every", "max_nonfinite", "mesh", "init_from")
+VOLATILE_KEYS = ("save_every", "keep_last", "log_every", "max_nonfinite", "mesh", "init_from",
+                 "init_partial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -540,6 +541,37 @@ def _load_init_params(config, path: str, stage: str = "decoder", sr_index: int =
     return params["params"] if stage == "prior" else params
 
 
+def grow_params(loaded: PyTree, fresh: PyTree, what: str) -> tuple[PyTree, list[str]]:
+    """``fresh`` (a freshly initialised params tree of a config that *adds* modules to the one
+    ``loaded`` was trained with) with every leaf of ``loaded`` copied in; the added leaves keep
+    their fresh init. Returns (params, the added leaves' paths). Added residual branches whose
+    output layer is zero-initialised (attention ``proj_out``, a ResBlock's ``out_conv``) leave
+    the model's function unchanged at step 0. Raises ``ValueError`` when a loaded leaf has no
+    place in ``fresh`` or another shape: trained weights are never dropped silently."""
+    flat_loaded = {jax.tree_util.keystr(k): v
+                   for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    used, added = set(), []
+
+    def one(path, x):
+        key = jax.tree_util.keystr(path)
+        if key not in flat_loaded:
+            added.append(key)
+            return x
+        src = flat_loaded[key]
+        if tuple(np.shape(src)) != tuple(x.shape):
+            raise ValueError(f"{what}: param {key} has shape {tuple(np.shape(src))} there and "
+                             f"{tuple(x.shape)} in this config; init_partial only adds modules")
+        used.add(key)
+        return jnp.asarray(src, x.dtype)
+
+    out = jax.tree_util.tree_map_with_path(one, fresh)
+    dropped = sorted(set(flat_loaded) - used)
+    if dropped:
+        raise ValueError(f"{what}: {len(dropped)} of its params have no place in this config "
+                         f"(e.g. {dropped[0]}); init_partial only adds modules")
+    return out, added
+
+
 def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional[int] = None,
           progress: bool = True, console: bool = True,
           callbacks: Sequence[Callable[[int, dict], None]] = (),
@@ -597,13 +629,20 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
             # start there; optimizer state, step and schedule start afresh
             params = _load_init_params(config, init_from, stage,
                                        sr_index=int(tc.extra.get("index", 0) or 0))
-            want = jax.tree.map(lambda x: x.shape, nn.meta.unbox(state.params))
+            fresh = nn.meta.unbox(state.params)
+            want = jax.tree.map(lambda x: x.shape, fresh)
             got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-            if want != got:
+            if want == got:
+                params = jax.tree.map(lambda p, x: jnp.asarray(p, x.dtype), params, fresh)
+            elif tc.extra.get("init_partial", False):
+                params, added = grow_params(params, fresh, f"train.{stage}.init_from {init_from}")
+                log.info("init_partial: %d new %s params keep their fresh init: %s", len(added),
+                         stage, ", ".join(added))
+            else:
                 raise ValueError(f"train.{stage}.init_from {init_from}: its {stage} weights do "
-                                 "not fit this config")
-            params = jax.tree.map(lambda p, x: jnp.asarray(p, x.dtype), params,
-                                  nn.meta.unbox(state.params))
+                                 "not fit this config (if the config only adds modules, e.g. "
+                                 "attention at another resolution, set "
+                                 f"--config.train.{stage}.init_partial=true)")
         if init_from:
             params = jax.device_put(params, shardings.params)
             state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params)
