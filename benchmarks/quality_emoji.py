@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-steps", default=None)
     p.add_argument("--decoder-steps", default=None)
     p.add_argument("--sr-steps", default=None)
+    p.add_argument("--decoder-candidates", type=int, default=None,
+                   help="decoder samples per image, the one the model's own CLIP finds "
+                        "closest to the caption kept, in every row (default: the model's "
+                        "diffusion.decoder.num_candidates, else 1)")
     p.add_argument("--score-at", choices=quality.SCORE_AT, default="final")
     p.add_argument("--max-real-per-concept", type=int, default=None)
     p.add_argument("--grid-per-prompt", type=int, default=4, help="0: no sample grids")
@@ -114,6 +118,11 @@ def main(argv: Optional[Sequence[str]] = None, *,
     args = build_parser().parse_args(argv)
     t_start = time.time()
     model = model if model is not None else cli.load_model(args.model)
+    if args.decoder_candidates is not None:
+        if args.decoder_candidates < 1:
+            raise SystemExit("--decoder-candidates must be >= 1")
+        with model.config.unlocked():
+            model.config.diffusion.decoder["num_candidates"] = args.decoder_candidates
     eval_clip = load_eval_clip(args.eval_clip, args.eval_clip_config,
                                batch_size=args.batch_size, seed=args.seed + 1)
     if same_clip(eval_clip.params, model.params["clip"]):

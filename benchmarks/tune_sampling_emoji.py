@@ -65,6 +65,15 @@ def apply_setting(config, setting: dict) -> dict:
     return old
 
 
+def _ensure_optional_keys(config) -> None:
+    """Sampling keys a model dir may leave at their defaults (older model dirs have no
+    ``decoder.num_candidates``: 1) so that settings can name them."""
+    sec = config.diffusion["decoder"]
+    if "num_candidates" not in sec:
+        with config.unlocked() if hasattr(config, "unlocked") else _null():
+            sec["num_candidates"] = 1
+
+
 class _null:
     def __enter__(self):
         return self
@@ -99,6 +108,7 @@ def main(argv: Optional[Sequence[str]] = None, log=print) -> list[dict]:
         log("warning: seed 0 is the draw quality_emoji.py reports; tune on another seed")
     settings = [parse_setting(s) for s in args.settings]
     model = cli.load_model(args.model)
+    _ensure_optional_keys(model.config)
     for s in settings:  # fail on a bad key before any sampling
         apply_setting(model.config, apply_setting(model.config, s))
     eval_clip = load_eval_clip(args.eval_clip, args.eval_clip_config,

@@ -85,6 +85,14 @@ def test_sample_prior_choices_and_stop_after(tmp_path, capsys):
     rc, _, _ = run(["sample", "a red heart", "--num", 2, "--stop-after", "prior", "--out",
                     tmp_path / "p.png", *FAST, *PRIOR], capsys)
     assert rc == 0 and np.load(tmp_path / "p.npy").shape == (2, 32)
+    # best of 3 decoder samples: same embeddings (prior key), other decoder draws
+    rc, _, _ = run(["sample", "a red heart", "--num", 2, "--decoder-candidates", 3,
+                    "--stop-after", "decoder", "--out", tmp_path / "d3.png", *FAST, *PRIOR],
+                   capsys)
+    assert rc == 0 and png(tmp_path / "d3.png").shape == grid_shape(2, 2, D)
+    assert not np.array_equal(png(tmp_path / "d3.png"), png(tmp_path / "d.png"))
+    rc, _, err = run(["sample", "a red heart", "--decoder-candidates", 0, *FAST], capsys)
+    assert rc != 0 and "--decoder-candidates" in err
 
 
 def test_vary_same_seed_same_image_other_seed_differs(files, tmp_path, capsys):

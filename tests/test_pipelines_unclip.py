@@ -58,6 +58,39 @@ def test_text_to_image_diffusion_and_ar_prior_seeded(model):
     assert set(early) == {"image_emb"}
 
 
+def test_decoder_candidates_keep_the_one_closest_to_the_caption(model):
+    """decoder num_candidates K: the K samples per row are exactly what the decoder draws for
+    the rows repeated K times; the kept one is each row's argmax of the model's own CLIP
+    cosine with the caption, and only the kept ones reach the upsampler."""
+    key = jax.random.key(3)
+    text = stages.encode_text(model, ["a red heart", "a cat"])
+    emb = jax.random.normal(jax.random.key(4), (2, model.clip_config.projection_dim))
+    k = 3
+    out = stages.decode_and_upsample(model, key, emb, text, num_candidates=k, **STEPS)
+    k_dec, _ = jax.random.split(key)
+    rep = lambda a: jnp.repeat(a, k, axis=0)  # noqa: E731
+    cands = stages.sample_decoder(model, k_dec, rep(emb), stages.TextCondition(
+        *(rep(a) for a in text)), steps=2)
+    from unclip_jax.utils.images import to_uint8
+
+    img = np.array(stages.embed_images(model, to_uint8(jax.device_get(cands))))
+    img /= np.linalg.norm(img, axis=-1, keepdims=True)
+    txt = np.asarray(text.emb) / np.linalg.norm(np.asarray(text.emb), axis=-1, keepdims=True)
+    sim = np.einsum("bkd,bd->bk", img.reshape(2, k, -1), txt)
+    best = sim.argmax(1)
+    assert len(set(sim.round(6).ravel())) > 2  # the candidates differ
+    want = np.asarray(cands).reshape((2, k) + cands.shape[1:])[np.arange(2), best]
+    np.testing.assert_allclose(np.asarray(out["decoder"]), want, atol=1e-6)
+    assert out["images"].shape == (2, model.output_size, model.output_size, 3)
+    one = stages.decode_and_upsample(model, key, emb, text, **STEPS)
+    one_k1 = stages.decode_and_upsample(model, key, emb, text, num_candidates=1, **STEPS)
+    np.testing.assert_array_equal(np.asarray(one["images"]), np.asarray(one_k1["images"]))
+    with pytest.raises(ValueError, match="caption"):
+        stages.decode_and_upsample(model, key, emb, None, num_candidates=2, **STEPS)
+    with pytest.raises(ValueError, match=">= 1"):
+        stages.decoder_candidates(model, 0)
+
+
 def test_ar_prior_embeddings_lie_in_the_pca_span(model):
     text = stages.encode_text(model, ["a cat", "a dog"])
     z = stages.sample_ar_prior(model, jax.random.key(0), text, num_candidates=2)

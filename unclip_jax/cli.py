@@ -278,7 +278,8 @@ def cmd_sample(args) -> int:
         prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
         sr_steps=args.sr_steps, prior_guidance=args.prior_guidance,
         decoder_guidance=args.decoder_guidance, num_candidates=args.candidates,
-        stop_after=args.stop_after, progress=not args.no_progress)
+        decoder_candidates=args.decoder_candidates, stop_after=args.stop_after,
+        progress=not args.no_progress)
     if args.stop_after == "prior":
         path = os.path.splitext(args.out)[0] + ".npy"
         np.save(path, np.asarray(out["image_emb"]))
@@ -501,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     num(p)
     p.add_argument("--candidates", type=_positive_int("--candidates"), default=None,
                    help="prior samples per image; the one closest to the caption is kept")
+    p.add_argument("--decoder-candidates", type=_positive_int("--decoder-candidates"),
+                   default=None,
+                   help="decoder samples per image; the one the model's own CLIP finds closest "
+                        "to the caption is kept (default: the model's, 1 unless it sets one)")
     p.add_argument("--stop-after", choices=("prior", "decoder", "sr1", "sr2"), default=None,
                    help="end early: 'prior' writes the embeddings as .npy, 'decoder' the 64px "
                         "images, 'sr1' after the first upsampler")

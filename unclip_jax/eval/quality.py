@@ -184,7 +184,8 @@ class Generator:
                 self.model, jax.random.fold_in(self.k_dec, i), emb, text,
                 decoder_steps=self.decoder_steps, decoder_guidance=float(guidance),
                 drop_clip_cond=(method == "caption_only"), sr_steps=self.sr_steps,
-                stop_after="decoder" if self.score_at == "decoder" else None)
+                stop_after="decoder" if self.score_at == "decoder" else None,
+                num_candidates=stages.decoder_candidates(self.model))
             out.append(to_uint8(jax.device_get(res["images"]))[:n])
         return np.concatenate(out, 0)
 

@@ -432,25 +432,66 @@ def ready(x, progress: bool):
     return jax.block_until_ready(x) if progress else x
 
 
+def decoder_candidates(model: UnCLIP, num_candidates: Optional[int] = None) -> int:
+    """Decoder samples drawn per image (``num_candidates``, else the model's
+    ``diffusion.decoder.num_candidates``, else 1)."""
+    k = num_candidates if num_candidates is not None else \
+        model.stage_options("decoder").get("num_candidates", 1)
+    if int(k) < 1:
+        raise ValueError(f"decoder num_candidates must be >= 1, got {k}")
+    return int(k)
+
+
+def best_by_caption(model: UnCLIP, images, text_emb, k: int) -> jax.Array:
+    """Index ``[B]`` of the best of each row's ``k`` adjacent candidates in ``images``
+    (``[B*k, s, s, 3]`` in [-1, 1]): the highest cosine between the model's own CLIP image
+    embedding of the candidate and the caption's CLIP text embedding ``text_emb [B, D]``."""
+    from unclip_jax.utils.images import to_uint8
+
+    img = embed_images(model, to_uint8(jax.device_get(images)))
+    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+    txt = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
+    sim = jnp.einsum("bkd,bd->bk", img.reshape(txt.shape[0], k, -1), txt)
+    return jnp.argmax(sim, axis=1)
+
+
 def decode_and_upsample(model: UnCLIP, key, clip_emb, text: Optional[TextCondition], *,
                         decoder_steps=None, decoder_guidance: Optional[float] = None,
                         decoder_sampler: Optional[str] = None, eta: float = 0.0, x_T=None,
                         drop_clip_cond=False, drop_text_cond=False, sr_steps=None,
                         fixed_sr_noise: bool = False, stop_after: Optional[str] = None,
-                        progress: bool = False) -> dict:
+                        num_candidates: int = 1, progress: bool = False) -> dict:
     """Decoder then every upsampler, each stage in its own progress bar.
 
     ``fixed_sr_noise``: the upsamplers run DDIM(eta=0) from one noise shared by all rows, so
     rows that differ only in their embedding differ only through it (strips, GIFs).
-    Returns ``{'decoder': [B, s, s, 3], 'sr1': ..., 'images': last stage}`` in [-1, 1].
+    ``num_candidates`` K > 1: the decoder draws K samples per row and keeps the one its own
+    CLIP finds closest to the caption (``best_by_caption``; needs ``text``, no ``x_T``); only
+    the kept ones are upsampled. Returns ``{'decoder': [B, s, s, 3], 'sr1': ...,
+    'images': last stage}`` in [-1, 1].
     """
     k_dec, k_sr = jax.random.split(key)
     out: dict = {}
+    k = int(num_candidates)
+    if k > 1 and (text is None or x_T is not None):
+        raise ValueError("decoder num_candidates > 1 ranks candidates by their caption: pass "
+                         "the text condition and no x_T")
+    b = clip_emb.shape[0]
+    if k > 1:
+        rep = lambda a: a if np.ndim(a) == 0 else jnp.repeat(jnp.asarray(a), k, axis=0)  # noqa: E731
+        dec_emb, dec_text = rep(clip_emb), TextCondition(*(rep(a) for a in text))
+        drop_clip, drop_text = rep(drop_clip_cond), rep(drop_text_cond)
+    else:
+        dec_emb, dec_text, drop_clip, drop_text = clip_emb, text, drop_clip_cond, drop_text_cond
     with progress_lib.stage("decoder", progress):
-        out["decoder"] = out["images"] = ready(sample_decoder(
-            model, k_dec, clip_emb, text, steps=decoder_steps, guidance=decoder_guidance,
-            sampler=decoder_sampler, eta=eta, x_T=x_T, drop_clip_cond=drop_clip_cond,
-            drop_text_cond=drop_text_cond, progress=progress), progress)
+        images = sample_decoder(
+            model, k_dec, dec_emb, dec_text, steps=decoder_steps, guidance=decoder_guidance,
+            sampler=decoder_sampler, eta=eta, x_T=x_T, drop_clip_cond=drop_clip,
+            drop_text_cond=drop_text, progress=progress)
+        if k > 1:
+            best = best_by_caption(model, images, text.emb, k)
+            images = images.reshape((b, k) + images.shape[1:])[jnp.arange(b), best]
+        out["decoder"] = out["images"] = ready(images, progress)
     if stop_after == "decoder":
         return out
     for i, k in enumerate(jax.random.split(k_sr, len(model.upsamplers))):

@@ -22,8 +22,12 @@ def text_to_image(model: UnCLIP, prompts: Sequence[str], key, *, num_per_prompt:
                   decoder_guidance: Optional[float] = None,
                   num_candidates: Optional[int] = None, stop_after: Optional[str] = None,
                   prior_sampler: Optional[str] = None, decoder_sampler: Optional[str] = None,
-                  progress: bool = False) -> dict:
+                  decoder_candidates: Optional[int] = None, progress: bool = False) -> dict:
     """Sample ``num_per_prompt`` images per prompt.
+
+    ``num_candidates``: prior samples per image, the one closest to the caption kept (the
+    paper's K = 2); ``decoder_candidates``: decoder samples per image, the one the model's own
+    CLIP finds closest to the caption kept (default: ``diffusion.decoder.num_candidates`` or 1).
 
     ``prior``: 'diffusion' or 'ar' (the autoregressive prior; the model must have one).
     Returns a dict with ``image_emb [N, D]`` and, per stage run, ``decoder [N, s, s, 3]``,
@@ -48,7 +52,8 @@ def text_to_image(model: UnCLIP, prompts: Sequence[str], key, *, num_per_prompt:
     out.update(stages.decode_and_upsample(
         model, k_rest, out["image_emb"], text, decoder_steps=decoder_steps,
         decoder_guidance=decoder_guidance, decoder_sampler=decoder_sampler, sr_steps=sr_steps,
-        stop_after=stop_after, progress=progress))
+        stop_after=stop_after, num_candidates=stages.decoder_candidates(model, decoder_candidates),
+        progress=progress))
     return out
 
 
