@@ -6,7 +6,8 @@
 
 Each positional argument is one setting: comma-separated ``STAGE.KEY=VALUE`` overrides of the
 model's ``diffusion`` config (STAGE: prior, decoder, sr; e.g. ``prior.guidance=1``,
-``sr.sample_steps=15``); ``""`` is the model as shipped. For each it generates unCLIP samples
+``sr.sample_steps=15``, ``decoder.num_candidates=4``: best of 4 decoder samples by the model's
+own CLIP); ``""`` is the model as shipped. For each it generates unCLIP samples
 (text -> prior -> decoder -> upsampler) for ``--num-concepts`` train concepts drawn with
 ``--seed`` and prints the evaluation-CLIP R-precision, CLIP-FID and the seconds taken, one JSON
 line per setting in ``--out``.

@@ -131,6 +131,22 @@ which runs the round-6 commands above with R7 = R/r7. Train unCLIP R-precision 0
 round 6's 0.47 (within one standard error; docs/examples/quality/round7_not_shipped), so round 6
 stays shipped: this recipe has stopped improving the 2.31M-parameter decoder.
 
+Round 8 (session 11; measured, NOT shipped): the round-6 decoder *grown* by attention at 16 px
+(``train.decoder.init_partial``: its weights copied, the new attention blocks fresh with their
+zero-initialised output, so the model starts as exactly round 6), 1385 steps of a 2500-step
+schedule (stopped by SIGTERM at the session's time budget, ~70 min at ~13 images/s):
+
+    unclip train decoder --config experiments/emoji.py --workdir R8/decoder --data R/embeddings \
+        "--config.decoder.attention_resolutions=(16,8)" --config.train.decoder.init_partial=true \
+        --config.train.decoder.init_from=M --config.train.decoder.total_steps=2500 \
+        --config.train.decoder.warmup_steps=100 --config.train.decoder.learning_rate=2e-4
+    unclip export --config experiments/emoji.py "--config.decoder.attention_resolutions=(16,8)" \
+        --clip M --prior M --sr M --decoder R8/decoder --out R8/model --pca-from R/embeddings
+
+(``DEC_CONFIG="--config.decoder.attention_resolutions=(16,8)" bash experiments/emoji_cpu_round.sh
+r8 2500`` runs the same.) Train unCLIP R-precision 0.46, oracle 0.43 (round 6: 0.47, 0.39):
+the extra attention did not move it within this budget either.
+
 To train it further, start each stage from the shipped weights the same way
 (``--config.train.STAGE.init_from=unclip_jax/assets/emoji_model``).
 """
