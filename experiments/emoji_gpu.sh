@@ -15,7 +15,11 @@
 #   ml_collections for a machine that lacks them). Env: BATCH (256), PY (python3),
 #   MFU_CONFIG (experiments/karlo.py), MFU_BATCH (64), MFU (1; 0 skips it), STEP_S (seconds per
 #   decoder step; skips the probe), TAIL (70: seconds kept after the inpainting run), R (work
-#   folder, /tmp/emoji_gpu).
+#   folder, /tmp/emoji_gpu), DEC_CONFIG (extra --config.decoder.* overrides for the probe, the
+#   decoder, the inpainting decoder and the export, e.g. "--config.decoder.model_channels=64"),
+#   DEC_INIT (what the decoder starts from: the shipped model (default); "scratch" for a fresh
+#   init, as a wider decoder needs; with DEC_CONFIG and the default, init_partial grows the
+#   shipped decoder by the modules DEC_CONFIG adds).
 # The Karlo benchmark compiles in the background while the emoji runs use the GPU and times its
 #   steps only after they finish (benchmarks/train_throughput.py --wait-for).
 set -u
@@ -31,6 +35,13 @@ mkdir -p "$OUT" "$R"
 exec > >(tee -a "$OUT/run.log") 2>&1
 now() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[$(now)s] $*"; }
+read -r -a DEC <<< "${DEC_CONFIG:-}"
+DEC_INIT=${DEC_INIT:-$M}
+INIT=()
+if [ "$DEC_INIT" != scratch ]; then
+  INIT=(--config.train.decoder.init_from="$DEC_INIT")
+  [ -z "${DEC_CONFIG:-}" ] || INIT+=(--config.train.decoder.init_partial=true)
+fi
 
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -62,17 +73,17 @@ $PY -m unclip_jax.train.embed_pack unpack .carry/emoji_train_pack.npz --model $M
 if [ -z "${STEP_S:-}" ]; then
   log probe
   $PY benchmarks/train_throughput.py --config experiments/emoji.py --stage decoder \
-    --batch "$B" --steps 30 | tee "$R/probe.txt"
+    --batch "$B" --steps 30 "${DEC[@]}" | tee "$R/probe.txt"
   STEP_S=$(sed -n 's/.*step_s=\([0-9.]*\).*/\1/p' "$R/probe.txt")
 fi
 LEFT=$((DEADLINE - $(now) - 45))  # 45 s: the trainer's start, compile and final save
 STEPS=$($PY -c "print(max(500, int($LEFT / (${STEP_S:-0.05} * 1.15)) // 100 * 100))")
 log "decoder: batch $B, ${STEP_S}s/step measured, $STEPS steps planned in ${LEFT}s"
 
-# 4. Decoder: from the shipped weights, fresh cosine schedule of STEPS, stopped at DEADLINE.
+# 4. Decoder: from the shipped weights (DEC_INIT), fresh cosine schedule of STEPS, stopped at DEADLINE.
 timeout -s TERM -k 60 $((DEADLINE - $(now))) $PY -m unclip_jax.cli train decoder \
   --config experiments/emoji.py --workdir $R/decoder --data $R/embeddings --no-progress \
-  --config.train.decoder.init_from=$M --config.train.decoder.batch_size="$B" \
+  "${DEC[@]}" "${INIT[@]}" --config.train.decoder.batch_size="$B" \
   --config.train.decoder.total_steps="$STEPS" --config.train.decoder.save_every=2000 \
   --config.train.decoder.log_every=200
 log "decoder exit $?"
@@ -80,7 +91,7 @@ log "decoder exit $?"
 # 5. Inpainting decoder from it (GLIDE-style extra channels), a short schedule.
 INP_S=$(( END - ${TAIL:-70} - $(now) ))  # TAIL s left to export, pack and time the MFU
 timeout -s TERM -k 30 $INP_S $PY -m unclip_jax.cli train inpaint --config experiments/emoji.py \
-  --workdir $R/inpaint --data $R/embeddings --no-progress \
+  --workdir $R/inpaint --data $R/embeddings --no-progress "${DEC[@]}" \
   --config.train.inpaint.init_from=$R/decoder --config.train.inpaint.batch_size="$B" \
   --config.train.inpaint.total_steps=600 --config.train.inpaint.warmup_steps=50 \
   --config.train.inpaint.save_every=300 --config.train.inpaint.log_every=100
@@ -89,8 +100,8 @@ touch "$GO"  # the GPU is free: the Karlo benchmark times its steps now
 
 # 6. Export (prior, CLIP, upsampler: the shipped ones) and pack the results.
 INP=$R/inpaint
-ls -d $R/inpaint/[0-9]* >/dev/null 2>&1 || INP=$M
-$PY -m unclip_jax.cli export --config experiments/emoji.py --clip $M --prior $M --sr $M \
+ls -d $R/inpaint/[0-9]* >/dev/null 2>&1 || INP=$M  # (the shipped one fits only the shipped decoder config)
+$PY -m unclip_jax.cli export --config experiments/emoji.py "${DEC[@]}" --clip $M --prior $M --sr $M \
   --decoder $R/decoder --inpaint $INP --out $R/model --pca-from $R/embeddings
 log "export exit $?"
 LAST=$(ls $R/decoder 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
