@@ -18,8 +18,10 @@
 #   folder, /tmp/emoji_gpu), DEC_CONFIG (extra --config.decoder.* overrides for the probe, the
 #   decoder, the inpainting decoder and the export, e.g. "--config.decoder.model_channels=64"),
 #   DEC_INIT (what the decoder starts from: the shipped model (default); "scratch" for a fresh
-#   init, as a wider decoder needs; with DEC_CONFIG and the default, init_partial grows the
-#   shipped decoder by the modules DEC_CONFIG adds).
+#   init, as a wider decoder needs; "grow" for the shipped decoder transplanted into DEC_CONFIG's
+#   deeper UNet by experiments/grow_decoder.py, e.g. DEC_CONFIG="--config.decoder.channel_mult=
+#   (1,2,2,3)" (round 9); with DEC_CONFIG and the default, init_partial grows the shipped
+#   decoder by the modules DEC_CONFIG adds).
 # The Karlo benchmark compiles in the background while the emoji runs use the GPU and times its
 #   steps only after they finish (benchmarks/train_throughput.py --wait-for).
 set -u
@@ -36,12 +38,6 @@ exec > >(tee -a "$OUT/run.log") 2>&1
 now() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[$(now)s] $*"; }
 read -r -a DEC <<< "${DEC_CONFIG:-}"
-DEC_INIT=${DEC_INIT:-$M}
-INIT=()
-if [ "$DEC_INIT" != scratch ]; then
-  INIT=(--config.train.decoder.init_from="$DEC_INIT")
-  [ -z "${DEC_CONFIG:-}" ] || INIT+=(--config.train.decoder.init_partial=true)
-fi
 
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -52,6 +48,18 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 $PY -c "import jax, flax, optax, orbax.checkpoint as o, ml_collections; \
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+DEC_INIT=${DEC_INIT:-$M}
+INIT=()
+if [ "$DEC_INIT" = grow ]; then
+  rm -rf "$R/grown"
+  $PY experiments/grow_decoder.py --model $M --out "$R/grown" --config experiments/emoji.py \
+    "${DEC[@]}" || exit 1
+  DEC_INIT=$R/grown
+fi
+if [ "$DEC_INIT" != scratch ]; then
+  INIT=(--config.train.decoder.init_from="$DEC_INIT")
+  [ -z "${DEC_CONFIG:-}" ] || INIT+=(--config.train.decoder.init_partial=true)
+fi
 
 # 1. Karlo-scale decoder MFU: compile now (CPU), time later on an otherwise idle GPU.
 GO=$R/mfu_go
