@@ -107,10 +107,13 @@ log "inpaint exit $?"
 touch "$GO"  # the GPU is free: the Karlo benchmark times its steps now
 
 # 6. Export (prior, CLIP, upsampler: the shipped ones) and pack the results.
-INP=$R/inpaint
-ls -d $R/inpaint/[0-9]* >/dev/null 2>&1 || INP=$M  # (the shipped one fits only the shipped decoder config)
+INP=(--inpaint $R/inpaint)
+if ! ls -d $R/inpaint/[0-9]* >/dev/null 2>&1; then
+  # no inpainting checkpoint: the shipped one, which fits only the shipped decoder config
+  if [ -z "${DEC_CONFIG:-}" ]; then INP=(--inpaint $M); else INP=(); fi
+fi
 $PY -m unclip_jax.cli export --config experiments/emoji.py "${DEC[@]}" --clip $M --prior $M --sr $M \
-  --decoder $R/decoder --inpaint $INP --out $R/model --pca-from $R/embeddings
+  --decoder $R/decoder "${INP[@]}" --out $R/model --pca-from $R/embeddings
 log "export exit $?"
 LAST=$(ls $R/decoder 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
 tar cf - -C $R model decoder/metrics.jsonl inpaint/metrics.jsonl \

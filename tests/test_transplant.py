@@ -94,3 +94,20 @@ def test_grow_decoder_script_writes_a_model_dir_training_continues_from(tmp_path
     with pytest.raises(SystemExit):
         mod["main"](["--model", FIXTURE_MODEL, "--config", MICRO, "--out",
                      str(tmp_path / "x"), "--config.prior.width=32"])
+
+
+def test_export_refuses_an_inpainting_decoder_of_another_decoder_config(tmp_path):
+    """A grown decoder with the old model's inpainting decoder is refused, not written."""
+    from unclip_jax.train.export import ExportError, export_model
+
+    grown = str(tmp_path / "grown")
+    runpy.run_path(os.path.join(HERE, "..", "experiments", "grow_decoder.py"))["main"](
+        ["--model", FIXTURE_MODEL, "--config", MICRO, "--out", grown,
+         "--config.decoder.channel_mult=(1,2)"])
+    cfg = load_config(MICRO, GROW)
+    dirs = {"clip": FIXTURE_MODEL, "prior": FIXTURE_MODEL, "decoder": grown, "sr": FIXTURE_MODEL}
+    with pytest.raises(ExportError, match="inpaint"):
+        export_model(cfg, {**dirs, "inpaint": FIXTURE_MODEL}, str(tmp_path / "bad"))
+    assert not os.path.exists(str(tmp_path / "bad"))
+    out = export_model(cfg, dirs, str(tmp_path / "ok"))
+    assert tuple(model_lib.load(out).decoder_config.channel_mult) == (1, 2)

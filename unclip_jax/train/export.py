@@ -163,6 +163,11 @@ def export_model(config, workdirs: Mapping[str, str], out_dir: str, *,
     _check_shapes(config, params)
     if workdirs.get("inpaint"):
         params["inpaint"] = load_stage_params(config, "inpaint", workdirs["inpaint"], ema=ema)
+        from unclip_jax.models import unet as unet_lib
+
+        # e.g. the inpainting decoder of a model whose decoder config was since grown
+        _compare_shapes("inpaint", nn.meta.unbox(unet_lib.abstract_params(
+            cfg_lib.inpaint_decoder_config(config))), params["inpaint"])
     model = model_lib.UnCLIP(config, params, tokenizer_dir=cfg_lib.tokenizer_dir(config),
                              random_weights=bool(missing),
                              source=f"export:{','.join(sorted(workdirs))}")
@@ -180,15 +185,19 @@ def _check_shapes(config, params) -> None:
 
     want = jax.eval_shape(lambda: model_lib.init_random(config).params)
     for stage in ("clip", "prior", "decoder", "sr"):
-        w = jax.tree_util.tree_flatten_with_path(want[stage])[0]
-        g = jax.tree_util.tree_flatten_with_path(params[stage])[0]
-        ws = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in w}
-        gs = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in g}
-        if ws != gs:
-            diff = sorted(k for k in set(ws) | set(gs) if ws.get(k) != gs.get(k))
-            raise ExportError(f"{stage}: the weights do not fit the export config (e.g. "
-                              f"{diff[:3]}: {[gs.get(k) for k in diff[:3]]} vs config "
-                              f"{[ws.get(k) for k in diff[:3]]})")
+        _compare_shapes(stage, want[stage], params[stage])
+
+
+def _compare_shapes(stage: str, want, got) -> None:
+    w = jax.tree_util.tree_flatten_with_path(want)[0]
+    g = jax.tree_util.tree_flatten_with_path(got)[0]
+    ws = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in w}
+    gs = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in g}
+    if ws != gs:
+        diff = sorted(k for k in set(ws) | set(gs) if ws.get(k) != gs.get(k))
+        raise ExportError(f"{stage}: the weights do not fit the export config (e.g. "
+                          f"{diff[:3]}: {[gs.get(k) for k in diff[:3]]} vs config "
+                          f"{[ws.get(k) for k in diff[:3]]})")
 
 
 def load_clip_params(config, model: Optional[str] = None, clip_workdir: Optional[str] = None,
