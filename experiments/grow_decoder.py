@@ -41,10 +41,9 @@ def main(argv=None) -> int:
         ap.error(f"only --config.decoder.* overrides are allowed, got {bad}")
     config = load_config(args.config, overrides)
     old = model_lib.load(args.model)
+    was, now = json.loads(cfg_lib.to_json(old.config)), json.loads(cfg_lib.to_json(config))
     for sec in ("clip", "prior", "sr", "diffusion"):
-        a = json.loads(cfg_lib.to_json(old.config)).get(sec)
-        b = json.loads(cfg_lib.to_json(config)).get(sec)
-        if a != b:
+        if was.get(sec) != now.get(sec):
             ap.error(f"config section {sec!r} differs from {args.model}'s; only the decoder may "
                      "change")
     new_cfg, old_cfg = cfg_lib.decoder_config(config), old.decoder_config

@@ -160,14 +160,9 @@ def export_model(config, workdirs: Mapping[str, str], out_dir: str, *,
             params[s] = load_stage_params(config, s, workdirs[s], ema=ema)
     for i, d in sr_dirs.items():
         params["sr"][i] = load_stage_params(config, "sr", d, ema=ema, sr_index=i)
-    _check_shapes(config, params)
     if workdirs.get("inpaint"):
         params["inpaint"] = load_stage_params(config, "inpaint", workdirs["inpaint"], ema=ema)
-        from unclip_jax.models import unet as unet_lib
-
-        # e.g. the inpainting decoder of a model whose decoder config was since grown
-        _compare_shapes("inpaint", nn.meta.unbox(unet_lib.abstract_params(
-            cfg_lib.inpaint_decoder_config(config))), params["inpaint"])
+    _check_shapes(config, params)
     model = model_lib.UnCLIP(config, params, tokenizer_dir=cfg_lib.tokenizer_dir(config),
                              random_weights=bool(missing),
                              source=f"export:{','.join(sorted(workdirs))}")
@@ -180,11 +175,12 @@ def export_model(config, workdirs: Mapping[str, str], out_dir: str, *,
 
 def _check_shapes(config, params) -> None:
     """Every stage's params must have the shapes ``config`` gives (a model dir used as a source
-    may hold another config's weights)."""
+    may hold another config's weights, e.g. the inpainting decoder of a model whose decoder
+    config was since grown)."""
     from unclip_jax.pipelines import model as model_lib
 
-    want = jax.eval_shape(lambda: model_lib.init_random(config).params)
-    for stage in ("clip", "prior", "decoder", "sr"):
+    want = model_lib._abstract_params(config, inpaint="inpaint" in params)
+    for stage in ("clip", "prior", "decoder", "sr") + (("inpaint",) if "inpaint" in params else ()):
         _compare_shapes(stage, want[stage], params[stage])
 
 

@@ -38,22 +38,20 @@ class TransplantReport:
     dropped: list
 
     def summary(self, params_old: PyTree) -> str:
-        n_old = sum(int(np.size(x)) for x in jax.tree.leaves(params_old))
-        n_drop = sum(int(np.size(_get(params_old, p))) for p in self.dropped)
+        flat = _flat(params_old)
+        n_old = sum(int(np.size(x)) for x in flat.values())
+        n_drop = sum(int(np.size(flat[p])) for p in self.dropped)
         return (f"{len(self.copied)} leaves copied, {len(self.fresh)} fresh, "
                 f"{len(self.dropped)} trained leaves dropped ({n_drop:,} of {n_old:,} trained "
                 "parameters)")
 
 
+def _key(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def _flat(tree: PyTree) -> dict:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): v
-            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _get(tree: PyTree, path: str):
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
+    return {_key(path): v for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def level_offset(old_cfg, new_cfg) -> int:
@@ -89,7 +87,7 @@ def transplant_unet_params(old: PyTree, old_cfg, fresh: PyTree, new_cfg
     copied, fresh_keys, used = [], [], set()
 
     def one(path, x):
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        key = _key(path)
         src = flat_old.get(key)
         if src is None or tuple(np.shape(src[1])) != tuple(np.shape(x)):
             fresh_keys.append(key)
