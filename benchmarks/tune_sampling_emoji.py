@@ -124,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None, log=print) -> list[dict]:
         res = quality.evaluate_split(
             model, eval_clip, cs, jax.random.key(args.seed),
             samples_per_concept=args.samples_per_concept, methods=("unclip",), sweep=(),
-            batch_size=args.batch_size, seed=args.seed, log=lambda m: None)
+            batch_size=args.batch_size, seed=args.seed, log=lambda m: None, ceilings=False)
         apply_setting(model.config, old)
         r = res["rows"][-1]
         row = {"setting": text or "(shipped)", "r_precision": r.r_precision,

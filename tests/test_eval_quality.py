@@ -146,8 +146,9 @@ def test_quality_benchmark_end_to_end(tmp_path):
     assert set(res) == {"train", "test"}
     for r in res.values():
         rows = {(x["method"], x["guidance"]) for x in r["rows"]}
-        assert rows == {("real", None), ("unclip", 3.0), ("caption_only", 3.0),
-                        ("text_emb", 3.0), ("image_emb", 3.0)}  # tiny's decoder guidance: 3
+        # tiny's decoder guidance: 3
+        assert rows == {("real", None), ("real_sr", None), ("unclip", 3.0),
+                        ("caption_only", 3.0), ("text_emb", 3.0), ("image_emb", 3.0)}
         assert {(x["method"], x["guidance"]) for x in r["sweep"]} == {
             (m, g) for m in ("unclip", "caption_only") for g in (1.0, 3.0)}
         assert r["num_distractors"] == 7  # 8 concepts in the fake pool
@@ -155,7 +156,7 @@ def test_quality_benchmark_end_to_end(tmp_path):
         for x in r["rows"] + r["sweep"]:
             assert 0.0 <= x["r_precision"] <= 1.0 and np.isfinite(x["clip_fid"])
             assert x["clip_fid"] >= 0
-            assert x["n"] == (4 if x["method"] == "real" else 8)
+            assert x["n"] == (4 if x["method"] in ("real", "real_sr") else 8)
         # common random numbers: the table row at guidance 3 is the sweep's point at 3
         tab = next(x for x in r["rows"] if x["method"] == "unclip")
         sw = next(x for x in r["sweep"] if x["method"] == "unclip" and x["guidance"] == 3.0)
@@ -167,7 +168,7 @@ def test_quality_benchmark_end_to_end(tmp_path):
     table = (out_dir / "results.md").read_text()
     assert "real images (ceiling)" in table and "caption only" in table
     assert "CLIP text emb" in table and "| test |" in table and "Goal: " in table
-    assert "oracle prior" in table
+    assert "oracle prior" in table and "decoder ceiling" in table
     assert json.loads((out_dir / "results.json").read_text())["results"]["train"]["rows"]
     plot = np.asarray(Image.open(out_dir / "tradeoff.png"))
     assert plot.ndim == 3 and plot.shape[1] > plot.shape[0]
@@ -226,9 +227,55 @@ def test_quality_benchmark_methods_subset(tmp_path):
             "2", "--grid-per-prompt", "0", "--out-dir", str(tmp_path / "out")]
     out = bench.main(args + ["--methods", "unclip"], data={"train": fake_split(0)},
                      model=_conditioned_tiny_model(), log=lambda m: None)
-    assert [x["method"] for x in out["results"]["train"]["rows"]] == ["real", "unclip"]
+    assert [x["method"] for x in out["results"]["train"]["rows"]] == ["real", "real_sr",
+                                                                         "unclip"]
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(args + ["--methods", "unclip,dalle"])
+    # settings sweeps (tune_sampling_emoji.py) leave the ceiling rows out
+    import jax
+
+    examples, pool = fake_split(0)
+    cs = quality.concept_set("train", examples, pool, num_concepts=4, seed=0)
+    res = quality.evaluate_split(
+        _conditioned_tiny_model(), load_eval_clip(f"random:{cfg}", seed=1), cs,
+        jax.random.key(0), samples_per_concept=1, methods=("unclip",), batch_size=4,
+        prior_steps="2", decoder_steps="2", sr_steps="2", log=lambda m: None, ceilings=False)
+    assert [r.method for r in res["rows"]] == ["unclip"]
+
+
+def test_real_sr_row_shrinks_to_the_decoder_size_and_runs_every_upsampler(monkeypatch):
+    """upsample_real: real images -> the decoder's size -> upsampler 0, 1, ... in turn (here
+    stand-in upsamplers that resize bicubically and tag their index), padded batches cut."""
+    import jax
+
+    from unclip_jax.pipelines import stages
+    from unclip_jax.utils.images import from_uint8, to_uint8
+
+    model = _conditioned_tiny_model()
+    calls = []
+
+    def fake_upsample(m, key, images, index, *, steps=None):
+        calls.append((index, images.shape, steps))
+        size = m.sr_config[index].image_size
+        up = stages.resize_uint8(to_uint8(np.asarray(images)), size)
+        return from_uint8(up)
+
+    monkeypatch.setattr(stages, "upsample", fake_upsample)
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (5, model.output_size, model.output_size, 3), dtype=np.uint8)
+    out = quality.upsample_real(model, real, jax.random.key(0), sr_steps="3", batch_size=2)
+    n_sr = len(model.upsamplers)
+    assert n_sr >= 1 and out.shape == real.shape and out.dtype == np.uint8
+    # 3 batches of 2 (the last padded) through every upsampler, decoder-size input first
+    assert [c[0] for c in calls] == list(range(n_sr)) * 3
+    assert calls[0][1] == (2, model.decoder_size, model.decoder_size, 3)
+    assert all(c[2] == "3" for c in calls)
+    want = stages.resize_uint8(real, model.decoder_size)
+    for cfg in model.sr_config:
+        want = stages.resize_uint8(to_uint8(from_uint8(want)), cfg.image_size)
+    np.testing.assert_array_equal(out, want)
+    # a shrunk-and-regrown image is not the original (the row measures a real loss)
+    assert not np.array_equal(out, real)
 
 
 def test_tune_sampling_settings_parse_and_apply():

@@ -11,7 +11,11 @@ For one split (a set of concepts, each with one prompt and its real images):
   image of the concept (the paper's reconstructions; an oracle prior). It separates the two
   halves of the system: unCLIP below it means the prior loses what the decoder could use,
   image_emb itself low means the decoder cannot draw the concept even from a true embedding;
-* the ``real`` row: real images of the same concepts (the ceiling).
+* the ``real`` row: real images of the same concepts (the ceiling);
+* the ``real_sr`` row (scoring after the upsamplers): the same real images shrunk to the
+  decoder's size and upsampled by the model's own upsamplers -- the ceiling of a perfect
+  decoder at this resolution with these upsamplers. Near the ``real`` row, neither the
+  decoder's resolution nor the upsamplers limit the system; the decoder does.
 
 Every row gets CLIP R-precision (top-1 among ``num_distractors`` first captions of *other*
 concepts of the split, the same draw for every generated row), CLIP-FID (Frechet distance of
@@ -41,7 +45,8 @@ METHODS = ("unclip", "caption_only", "text_emb", "image_emb")
 PROMPT_METHODS = ("unclip", "caption_only", "text_emb")
 METHOD_LABELS = {"unclip": "unCLIP (prior image emb)", "caption_only": "caption only",
                  "text_emb": "CLIP text emb", "image_emb": "real image emb (oracle prior)",
-                 "real": "real images (ceiling)"}
+                 "real": "real images (ceiling)",
+                 "real_sr": "real images at decoder size, upsampled (decoder ceiling)"}
 SCORE_AT = ("final", "decoder")
 
 # Prompts for the sample grids, fixed before any model output was looked at: eight concepts of
@@ -194,6 +199,26 @@ class Generator:
         return self.model.decoder_size if self.score_at == "decoder" else self.model.output_size
 
 
+def upsample_real(model, images: np.ndarray, key, *, sr_steps=None,
+                  batch_size: int = 32) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` real images -> uint8 ``[N, S, S, 3]``: shrunk to the decoder's
+    size, then through every upsampler of the model in turn (batch ``i`` with key
+    ``fold_in(key, i)``, the last batch padded)."""
+    from unclip_jax.pipelines import stages
+    from unclip_jax.utils.images import from_uint8, to_uint8
+
+    x = _resize(images, model.decoder_size)
+    n, b, out = len(x), int(batch_size), []
+    for i, s in enumerate(range(0, n, b)):
+        idx = list(range(s, min(s + b, n)))
+        batch = from_uint8(x[idx + [idx[-1]] * (b - len(idx))])
+        for j, k in enumerate(jax.random.split(jax.random.fold_in(key, i),
+                                               len(model.upsamplers))):
+            batch = stages.upsample(model, k, batch, j, steps=sr_steps)
+        out.append(to_uint8(jax.device_get(batch))[:len(idx)])
+    return np.concatenate(out, 0)
+
+
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
     from unclip_jax.pipelines.stages import resize_uint8
 
@@ -225,11 +250,14 @@ def evaluate_split(model, eval_clip: EvalCLIP, cs: ConceptSet, key, *,
                    methods: Sequence[str] = METHODS, num_distractors: int = 99,
                    batch_size: int = 32, prior_steps=None, prior_guidance=None,
                    decoder_steps=None, sr_steps=None, score_at: str = "final", seed: int = 0,
-                   log: Callable[[str], None] = print, keep_images: bool = False) -> dict:
+                   log: Callable[[str], None] = print, keep_images: bool = False,
+                   ceilings: bool = True) -> dict:
     """Score one split. ``guidance``: the decoder scale of the main table rows (default: the
     model's ``diffusion.decoder.guidance``); ``sweep``: extra scales for ``sweep_methods``.
     ``num_distractors`` is capped at the number of other concepts in the pool (the cap is
-    reported). Returns ``{'rows': [Row], 'sweep': [Row], 'num_distractors', 'images'?}``."""
+    reported). ``ceilings=False`` leaves out the ``real`` and ``real_sr`` rows (for settings
+    sweeps, where they repeat). Returns ``{'rows': [Row], 'sweep': [Row], 'num_distractors',
+    'images'?}``."""
     if guidance is None:
         guidance = float(model.stage_options("decoder").guidance)
     k = int(samples_per_concept)
@@ -268,12 +296,19 @@ def evaluate_split(model, eval_clip: EvalCLIP, cs: ConceptSet, key, *,
 
     rows, sweep_rows, images = [], [], {}
     t0 = time.time()
-    if ceil is None or len(ceil) < 2:
+    if not ceilings:
+        pass
+    elif ceil is None or len(ceil) < 2:
         log(f"[{cs.name}] fewer than 2 real images outside the reference half: no real row")
     else:
         real_dis = metrics.sample_distractors(ceil_labels, cs.pool_concepts,
                                               np.random.default_rng(seed + 1), nd)
         rows.append(score("real", None, _resize(ceil, size), ceil_labels, real_dis, t0)[0])
+        if score_at == "final" and len(model.upsamplers):
+            t0 = time.time()
+            up = upsample_real(model, ceil, jax.random.fold_in(key, 7), sr_steps=sr_steps,
+                               batch_size=batch_size)
+            rows.append(score("real_sr", None, up, ceil_labels, real_dis, t0)[0])
 
     t0 = time.time()
     gen.prepare()
