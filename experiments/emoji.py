@@ -173,6 +173,22 @@ Train unCLIP R-precision 0.45 on the reported draw (round 6: 0.47), 0.49 on the 
 (docs/examples/quality/round9_not_shipped). Its new low-resolution level has seen only 128k
 images; to continue it, ``--config.train.decoder.init_from=R9/decoder`` with a new schedule.
 
+Round 10 (session 14; measured, NOT shipped): round 9 continued, 250 steps of an 8000-step
+schedule (session 13, R9b), then a fresh 3500-step schedule from those weights (~85 min):
+
+    unclip train decoder --config experiments/emoji.py "--config.decoder.channel_mult=(1,2,2,3)" \
+        --workdir R9b/decoder --data R/embeddings --config.train.decoder.init_from=R9/decoder \
+        --config.train.decoder.total_steps=8000 --config.train.decoder.warmup_steps=100 \
+        --config.train.decoder.learning_rate=2e-4 --steps 250
+    unclip train decoder --config experiments/emoji.py "--config.decoder.channel_mult=(1,2,2,3)" \
+        --workdir R10/decoder --data R/embeddings --config.train.decoder.init_from=R9b/decoder \
+        --config.train.decoder.total_steps=3500 --config.train.decoder.warmup_steps=100 \
+        --config.train.decoder.learning_rate=2e-4
+
+(inpainting decoder and export as in round 9, with R10). Train unCLIP R-precision 0.47 on the
+reported draw (round 6: 0.47), 0.50 on the validation draw (round 6: 0.45): a tie where it is
+reported, so round 6 stays shipped (docs/examples/quality/round10_not_shipped).
+
 To train it further, start each stage from the shipped weights the same way
 (``--config.train.STAGE.init_from=unclip_jax/assets/emoji_model``).
 """
