@@ -48,6 +48,7 @@ METHOD_LABELS = {"unclip": "unCLIP (prior image emb)", "caption_only": "caption 
                  "real": "real images (ceiling)",
                  "real_sr": "real images at decoder size, upsampled (decoder ceiling)"}
 SCORE_AT = ("final", "decoder")
+REAL_SR_KEY = 7  # fold_in index of the real_sr row's upsampler noise
 
 # Prompts for the sample grids, fixed before any model output was looked at: eight concepts of
 # the train split and eight held-out (test split) concepts of the emoji dataset.
@@ -121,6 +122,15 @@ def split_real(cs: ConceptSet) -> tuple[np.ndarray, np.ndarray, list, list]:
 # ------------------------------------------------------------------------------ generation
 
 
+def padded_batches(n: int, batch_size: int):
+    """(batch index, real count, indices of the batch padded to ``batch_size`` by repeating
+    the last one) per batch of ``range(n)``: a fixed batch shape, so one compile."""
+    b = int(batch_size)
+    for i, s in enumerate(range(0, n, b)):
+        m = min(b, n - s)
+        yield i, m, list(range(s, s + m)) + [s + m - 1] * (b - m)
+
+
 class Generator:
     """Batched, seeded generation for one list of prompts with one model: text encoding and
     the prior run once (``prepare``); ``decode(method, guidance)`` runs the decoder (and the
@@ -148,14 +158,6 @@ class Generator:
     def n(self) -> int:
         return len(self.prompts)
 
-    def _chunks(self):
-        """(batch index, real count n, indices of the batch padded to batch_size by repeating
-        the last one) per batch."""
-        b = self.batch_size
-        for i, s in enumerate(range(0, self.n, b)):
-            n = min(b, self.n - s)
-            yield i, n, list(range(s, s + n)) + [s + n - 1] * (b - n)
-
     def prepare(self):
         """CLIP text conditions, prior image embeddings and (with ``cond_images``) CLIP
         embeddings of the real images, of every batch."""
@@ -163,7 +165,7 @@ class Generator:
 
         if self._batches is None:
             self._batches = []
-            for i, n, idx in self._chunks():
+            for i, n, idx in padded_batches(self.n, self.batch_size):
                 text = stages.encode_text(self.model, [self.prompts[j] for j in idx])
                 z = stages.sample_image_emb(self.model, jax.random.fold_in(self.k_prior, i),
                                             text, steps=self.prior_steps,
@@ -208,14 +210,13 @@ def upsample_real(model, images: np.ndarray, key, *, sr_steps=None,
     from unclip_jax.utils.images import from_uint8, to_uint8
 
     x = _resize(images, model.decoder_size)
-    n, b, out = len(x), int(batch_size), []
-    for i, s in enumerate(range(0, n, b)):
-        idx = list(range(s, min(s + b, n)))
-        batch = from_uint8(x[idx + [idx[-1]] * (b - len(idx))])
+    out = []
+    for i, n, idx in padded_batches(len(x), batch_size):
+        batch = from_uint8(x[idx])
         for j, k in enumerate(jax.random.split(jax.random.fold_in(key, i),
                                                len(model.upsamplers))):
             batch = stages.upsample(model, k, batch, j, steps=sr_steps)
-        out.append(to_uint8(jax.device_get(batch))[:len(idx)])
+        out.append(to_uint8(jax.device_get(batch))[:n])
     return np.concatenate(out, 0)
 
 
@@ -296,18 +297,17 @@ def evaluate_split(model, eval_clip: EvalCLIP, cs: ConceptSet, key, *,
 
     rows, sweep_rows, images = [], [], {}
     t0 = time.time()
-    if not ceilings:
-        pass
-    elif ceil is None or len(ceil) < 2:
+    if ceilings and (ceil is None or len(ceil) < 2):
         log(f"[{cs.name}] fewer than 2 real images outside the reference half: no real row")
-    else:
+    elif ceilings:
         real_dis = metrics.sample_distractors(ceil_labels, cs.pool_concepts,
                                               np.random.default_rng(seed + 1), nd)
         rows.append(score("real", None, _resize(ceil, size), ceil_labels, real_dis, t0)[0])
         if score_at == "final" and len(model.upsamplers):
             t0 = time.time()
-            up = upsample_real(model, ceil, jax.random.fold_in(key, 7), sr_steps=sr_steps,
-                               batch_size=batch_size)
+            # a key of its own, apart from the generator's prior / decoder keys
+            up = upsample_real(model, ceil, jax.random.fold_in(key, REAL_SR_KEY),
+                               sr_steps=sr_steps, batch_size=batch_size)
             rows.append(score("real_sr", None, up, ceil_labels, real_dis, t0)[0])
 
     t0 = time.time()
