@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.models import clip as clip_lib
+from unclip_jax.utils.batching import padded_batches
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_EVAL_CLIP_CONFIG = os.path.join(REPO_ROOT, "experiments", "emoji_eval_clip.py")
@@ -42,12 +43,6 @@ def tokenizer_dir_for(config) -> str:
         if os.path.isdir(cand):
             return os.path.abspath(cand)
     raise FileNotFoundError(f"tokenizer {name!r} not found (neither a folder nor under {ASSETS})")
-
-
-def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
-    if x.shape[0] == n:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)], axis=0)
 
 
 @dataclasses.dataclass
@@ -82,20 +77,15 @@ class EvalCLIP:
     def image_size(self) -> int:
         return self.config.vision_config.image_size
 
-    def _batches(self, n: int):
-        b = self.batch_size
-        for i in range(0, n, b):
-            yield i, min(i + b, n)
-
     def embed_images(self, images_uint8, normalize: bool = True) -> np.ndarray:
         """uint8 ``[N, H, W, 3]`` (one size) -> features ``[N, D]``."""
         x = np.asarray(images_uint8)
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected uint8 [N, H, W, 3] images, got {x.dtype} {x.shape}")
         out = []
-        for i, j in self._batches(x.shape[0]):
-            xb = _pad_to(x[i:j], self.batch_size).astype(np.float32) / 127.5 - 1.0
-            out.append(np.asarray(self._enc_img(self.params, jnp.asarray(xb)))[: j - i])
+        for _, n, idx in padded_batches(x.shape[0], self.batch_size):
+            xb = x[idx].astype(np.float32) / 127.5 - 1.0
+            out.append(np.asarray(self._enc_img(self.params, jnp.asarray(xb)))[:n])
         f = np.concatenate(out, 0) if out else np.zeros((0, self.config.projection_dim))
         return _finish(f, normalize)
 
@@ -108,11 +98,10 @@ class EvalCLIP:
             self._tok = load_tokenizer(self.tokenizer_dir, length)
         captions = [str(c) for c in captions]
         out = []
-        for i, j in self._batches(len(captions)):
-            chunk = captions[i:j] + [captions[j - 1]] * (self.batch_size - (j - i))
-            toks = tokenize_with_info(chunk, length, tokenizer=self._tok)
+        for _, n, idx in padded_batches(len(captions), self.batch_size):
+            toks = tokenize_with_info([captions[k] for k in idx], length, tokenizer=self._tok)
             out.append(np.asarray(self._enc_txt(self.params, jnp.asarray(toks.ids),
-                                                jnp.asarray(toks.mask)))[: j - i])
+                                                jnp.asarray(toks.mask)))[:n])
         f = np.concatenate(out, 0) if out else np.zeros((0, self.config.projection_dim))
         return _finish(f, normalize)
 

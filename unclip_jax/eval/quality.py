@@ -39,6 +39,7 @@ import numpy as np
 
 from unclip_jax.eval import metrics
 from unclip_jax.eval.clip_features import EvalCLIP
+from unclip_jax.utils.batching import padded_batches
 
 METHODS = ("unclip", "caption_only", "text_emb", "image_emb")
 # rows that need only prompts (``image_emb`` also needs real images to embed)
@@ -122,15 +123,6 @@ def split_real(cs: ConceptSet) -> tuple[np.ndarray, np.ndarray, list, list]:
 # ------------------------------------------------------------------------------ generation
 
 
-def padded_batches(n: int, batch_size: int):
-    """(batch index, real count, indices of the batch padded to ``batch_size`` by repeating
-    the last one) per batch of ``range(n)``: a fixed batch shape, so one compile."""
-    b = int(batch_size)
-    for i, s in enumerate(range(0, n, b)):
-        m = min(b, n - s)
-        yield i, m, list(range(s, s + m)) + [s + m - 1] * (b - m)
-
-
 class Generator:
     """Batched, seeded generation for one list of prompts with one model: text encoding and
     the prior run once (``prepare``); ``decode(method, guidance)`` runs the decoder (and the
@@ -207,12 +199,12 @@ def upsample_real(model, images: np.ndarray, key, *, sr_steps=None,
     size, then through every upsampler of the model in turn (batch ``i`` with key
     ``fold_in(key, i)``, the last batch padded)."""
     from unclip_jax.pipelines import stages
-    from unclip_jax.utils.images import from_uint8, to_uint8
+    from unclip_jax.utils.images import to_uint8
 
-    x = _resize(images, model.decoder_size)
+    x = stages.decoder_pixels(model, images)
     out = []
     for i, n, idx in padded_batches(len(x), batch_size):
-        batch = from_uint8(x[idx])
+        batch = x[np.asarray(idx)]
         for j, k in enumerate(jax.random.split(jax.random.fold_in(key, i),
                                                len(model.upsamplers))):
             batch = stages.upsample(model, k, batch, j, steps=sr_steps)
