@@ -10,27 +10,19 @@ CLIP run's seed differ::
     unclip train clip --config experiments/emoji_eval_clip.py --workdir runs/eval_clip
     python benchmarks/quality_emoji.py --model MODEL_DIR --eval-clip runs/eval_clip ...
 """
-import importlib.util
 import os
+
+from unclip_jax.config import load_config_file
 
 EVAL_CLIP_DIM = 128
 WIDTH = 256
 EVAL_SEED_OFFSET = 1000  # the eval CLIP's seed: emoji.py's CLIP seed + this
 
 
-def _emoji_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emoji.py")
-    spec = importlib.util.spec_from_file_location("_unclip_emoji_config_for_eval", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def get_config():
-    emoji = _emoji_config()
-    c = emoji.get_config()
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "emoji.py"))
     c.name = "emoji_eval_clip"
-    text_len = emoji.TEXT_LEN
+    text_len = c.clip.text_config.max_position_embeddings
     c.clip = dict(
         projection_dim=EVAL_CLIP_DIM,
         text_config=dict(vocab_size=4096, hidden_size=WIDTH, intermediate_size=4 * WIDTH,

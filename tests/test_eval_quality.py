@@ -92,6 +92,31 @@ def test_tradeoff_plot_pil(tmp_path):
         assert (im == np.array(col, np.uint8)).all(-1).sum() > 20  # every series is drawn
 
 
+def test_emoji16_config_is_emoji_with_a_16px_decoder_and_two_upsamplers():
+    """experiments/emoji16.py (round 11) changes only the decoder's size and depth and the
+    upsampler list; its decoder has the weights of emoji.py's 4-level decoder (round 10's: no
+    parameter depends on the image size, attention sits on the same level) and both upsamplers
+    the weights of emoji.py's one."""
+    import jax
+
+    from unclip_jax.pipelines import model as model_lib
+
+    base = cfg_lib.load_config_file(os.path.join(ROOT, "experiments", "emoji.py"))
+    c16 = cfg_lib.load_config_file(os.path.join(ROOT, "experiments", "emoji16.py"))
+    for k in base:
+        if k not in ("decoder", "sr", "name"):
+            assert cfg_lib.to_json(base[k]) == cfg_lib.to_json(c16[k]), k
+    assert c16.name != base.name
+    assert cfg_lib.decoder_config(c16).image_size == 16
+    assert [s.image_size for s in cfg_lib.sr_configs(c16)] == [32, 64]
+    shapes = lambda cfg: jax.tree.map(lambda x: x.shape, model_lib._abstract_params(cfg))  # noqa: E731
+    with base.unlocked():
+        base.decoder.channel_mult = (1, 2, 2, 3)
+    a, b = shapes(base), shapes(c16)
+    assert a["decoder"] == b["decoder"]
+    assert b["sr"] == [a["sr"][0], a["sr"][0]]
+
+
 def test_eval_clip_config_differs_from_the_model_clip():
     model_cfg = cfg_lib.load_config_file(os.path.join(ROOT, "experiments", "emoji.py"))
     eval_cfg = cfg_lib.load_config_file(os.path.join(ROOT, "experiments",

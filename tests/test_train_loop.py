@@ -372,6 +372,45 @@ def test_export_cli_writes_a_bf16_model_dir(tmp_path):
                      str(tmp_path / "missing")])
 
 
+def test_export_cli_reuses_one_upsampler_for_two_stages(tmp_path):
+    """`--sr DIR:N` once per upsampler: a config with two upsamplers (8 -> 16 -> 32) exported
+    from a model dir with one; both get that upsampler's weights, the model samples at 32 px,
+    and a missing upsampler index or ':N' on a train workdir is refused with its reason."""
+    import jax.numpy as jnp
+
+    from unclip_jax.pipelines import model as model_lib
+    from unclip_jax.pipelines import stages
+    from unclip_jax.train.cli import export_main
+
+    cfg = tmp_path / "two_sr.py"
+    cfg.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('_micro', {MICRO!r})\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "def get_config():\n"
+        "    c = mod.get_config()\n"
+        "    c.sr = [dict(c.sr[0]), dict(c.sr[0], image_size=32)]\n"
+        "    return c\n")
+    out = str(tmp_path / "m")
+    srcs = [a for s in ("clip", "prior", "decoder") for a in (f"--{s}", FIXTURE_MODEL)]
+    assert export_main(["--config", str(cfg), "--out", out, *srcs,
+                        "--sr", FIXTURE_MODEL, "--sr", f"{FIXTURE_MODEL}:0"]) == 0
+    m, fixture = model_lib.load(out), model_lib.load(FIXTURE_MODEL)
+    assert [c.image_size for c in m.sr_config] == [16, 32] and m.output_size == 32
+    for sr in m.params["sr"]:
+        _assert_bitwise(_host(sr), _host(fixture.params["sr"][0]))
+    x = jnp.zeros((1, 8, 8, 3))
+    for i in range(2):
+        x = stages.upsample(m, jax.random.key(i), x, i, steps=2)
+    assert x.shape == (1, 32, 32, 3) and bool(jnp.all(jnp.isfinite(x)))
+    with pytest.raises(ConfigError, match="no upsampler 1"):
+        export_main(["--config", str(cfg), "--out", str(tmp_path / "m2"), *srcs,
+                     "--sr", FIXTURE_MODEL, "--sr", FIXTURE_MODEL])
+    with pytest.raises(ConfigError, match="no such folder"):
+        export_main(["--config", str(cfg), "--out", str(tmp_path / "m3"), *srcs,
+                     "--sr", f"{tmp_path / 'missing'}:0"])
+
+
 def _read_tb_scalars(logdir: str) -> dict:
     """{(tag, step): value} from the TFRecord event files under ``logdir`` (framing: u64 length,
     u32 crc, payload, u32 crc), parsed with tensorboardX's Event protobuf."""

@@ -349,9 +349,13 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the config the stages were trained with")
     p.add_argument("--workdir", default=None,
                    help="folder holding clip/ prior/ decoder/ sr/ [inpaint/] train workdirs")
-    for s in ("clip", "prior", "decoder", "sr", "inpaint"):
+    for s in ("clip", "prior", "decoder", "inpaint"):
         p.add_argument(f"--{s}", default=None, metavar="DIR",
                        help=f"{s} train workdir or model dir (default: WORKDIR/{s})")
+    p.add_argument("--sr", action="append", default=None, metavar="DIR[:N]",
+                   help="upsampler train workdir or model dir (default: WORKDIR/sr); once per "
+                        "upsampler, in order. A model dir's upsampler i fills upsampler i, "
+                        "or its upsampler N with DIR:N")
     p.add_argument("--out", required=True, help="new model dir")
     p.add_argument("--storage-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the stored weights (default: config.storage_dtype or float32)")
@@ -366,18 +370,25 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     import numpy as np
 
     from unclip_jax.config import ConfigError
-    from unclip_jax.train.export import ExportError, export_model
+    from unclip_jax.train.export import ExportError, export_model, split_sr_source
 
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = _export_parser().parse_args(rest)
     config = load_config(args.config, overrides)
     workdirs = {}
-    for s in ("clip", "prior", "decoder", "sr", "inpaint"):
+    for s in ("clip", "prior", "decoder", "inpaint"):
         d = getattr(args, s) or (os.path.join(args.workdir, s) if args.workdir else None)
         if d and os.path.isdir(d):
             workdirs[s] = d
         elif getattr(args, s):
             raise ConfigError(f"--{s} {getattr(args, s)}: no such folder")
+    if args.sr:
+        for i, spec in enumerate(args.sr):
+            if not os.path.isdir(split_sr_source(spec)[0]):
+                raise ConfigError(f"--sr {spec}: no such folder")
+            workdirs[f"sr{i}"] = spec
+    elif args.workdir and os.path.isdir(os.path.join(args.workdir, "sr")):
+        workdirs["sr"] = os.path.join(args.workdir, "sr")
     dtype = args.storage_dtype or config.get("storage_dtype", "float32")
     emb = None
     if args.pca_from:

@@ -5,7 +5,9 @@ the *EMA* params of each stage's latest checkpoint in the UnCLIP model-dir forma
 (``pipelines.model.save``); a stage without a workdir keeps random init only with
 ``allow_random=True`` (the dir is then marked ``random_weights``), else ``ExportError``. A value
 may also be a model dir, whose params for that stage are copied. ``sr`` may be given as
-``sr`` (upsampler 0) or ``sr0``, ``sr1``, ... An ``inpaint`` workdir becomes the model's
+``sr`` (upsampler 0) or ``sr0``, ``sr1``, ...; a model dir as upsampler ``i`` gives its
+upsampler ``i``, or its upsampler ``N`` when written ``DIR:N`` (the upsamplers are
+convolutional, so one trained 32 -> 64 also serves 16 -> 32 at a smaller decoder size). An ``inpaint`` workdir becomes the model's
 inpainting decoder (``params['inpaint']``, used by ``unclip inpaint``). ``storage_dtype=
 'bfloat16'`` halves the size on disk (the shipped model).
 
@@ -47,9 +49,10 @@ def _is_model_dir(path: str) -> bool:
 
 
 def load_stage_params(config, stage: str, path: str, *, ema: bool = True,
-                      sr_index: int = 0) -> PyTree:
+                      sr_index: int = 0, source_index: Optional[int] = None) -> PyTree:
     """Plain (unboxed, host-local) params of ``stage`` from ``path``: a train workdir (latest
-    checkpoint; the EMA params unless ``ema=False``) or a model dir. The prior comes back as
+    checkpoint; the EMA params unless ``ema=False``) or a model dir (for ``sr``: its upsampler
+    ``source_index``, default ``sr_index``). The prior comes back as
     ``{'params', 'buffers'}``. Raises ``ExportError`` when the workdir's model config differs
     from ``config``'s."""
     from unclip_jax.train.loop import stage_config_json
@@ -61,7 +64,15 @@ def load_stage_params(config, stage: str, path: str, *, ema: bool = True,
         m = model_lib.load(path)
         if stage == "inpaint" and not m.has_inpaint_decoder:
             raise ExportError(f"{path} has no inpainting decoder")
-        return m.params["sr"][sr_index] if stage == "sr" else m.params[stage]
+        if stage != "sr":
+            return m.params[stage]
+        k = sr_index if source_index is None else source_index
+        if not 0 <= k < len(m.params["sr"]):
+            raise ExportError(f"{path} has {len(m.params['sr'])} upsampler(s); no upsampler {k}")
+        return m.params["sr"][k]
+    if source_index is not None:
+        raise ExportError(f"{path}:{source_index}: ':N' picks an upsampler of a model dir; "
+                          f"{path} is a train workdir")
     st = build_stage(stage, config, sr_index=sr_index)
     ckpt = Checkpointer(path, save_every=1 << 30, keep_last=None)
     try:
@@ -117,6 +128,14 @@ def _optimizer_like(stored: Optional[dict], stage: str):
                 grad_clip_norm=train.get("grad_clip_norm", 1.0))
 
 
+def split_sr_source(spec: str) -> tuple[str, Optional[int]]:
+    """``'DIR'`` -> ``(DIR, None)``; ``'DIR:N'`` (DIR not itself a folder) -> ``(DIR, N)``."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.isdigit() and not os.path.isdir(spec):
+        return head, int(tail)
+    return spec, None
+
+
 def _sr_workdirs(workdirs: Mapping[str, str], n_sr: int) -> dict[int, str]:
     out = {}
     for k, v in workdirs.items():
@@ -158,8 +177,10 @@ def export_model(config, workdirs: Mapping[str, str], out_dir: str, *,
     for s in ("clip", "prior", "decoder"):
         if workdirs.get(s):
             params[s] = load_stage_params(config, s, workdirs[s], ema=ema)
-    for i, d in sr_dirs.items():
-        params["sr"][i] = load_stage_params(config, "sr", d, ema=ema, sr_index=i)
+    for i, spec in sr_dirs.items():
+        d, k = split_sr_source(spec)
+        params["sr"][i] = load_stage_params(config, "sr", d, ema=ema, sr_index=i,
+                                            source_index=k)
     if workdirs.get("inpaint"):
         params["inpaint"] = load_stage_params(config, "inpaint", workdirs["inpaint"], ema=ema)
     _check_shapes(config, params)

@@ -1,0 +1,43 @@
+"""The emoji unCLIP with a 16 px decoder and two upsamplers (16 -> 32 -> 64): round 11.
+
+Why: the decoder-ceiling rows of ``benchmarks/quality_emoji.py`` (real images shrunk to the
+decoder's size, then through the upsamplers) show what resolution costs. Real train-concept
+images score R-precision 0.811 at 64 px, 0.827 shrunk to 32 px and put through the shipped
+32 -> 64 upsampler, and 0.719 shrunk to 16 px and put through that same upsampler twice
+(16 -> 32, then 32 -> 64; it is convolutional, so the weights serve both). So a 16 px decoder
+still leaves room above the 0.6 goal, at about a third of the CPU cost per training image of the
+32 px one (~70 against ~25 images/s on 2 cores): three times the training for the same hours.
+
+Everything but the decoder and the upsampler list is ``experiments/emoji.py`` (read from it, so
+the two stay in step). The decoder is round 10's 4-level UNet (``channel_mult=(1, 2, 2, 3)``)
+with its attention at the same level, now 4 px; its weights carry over unchanged (no parameter
+depends on the image size). Upsampler 0 (16 -> 32) and upsampler 1 (32 -> 64) are both the
+shipped 32 -> 64 upsampler. Commands (M: the round-6 shipped model, R10M: round 10's model dir
+``unclip export``ed as in ``experiments/emoji.py``; R = runs/emoji)::
+
+    unclip train decoder --config experiments/emoji16.py --workdir R11/decoder \\
+        --data R/embeddings --config.train.decoder.init_from=R10M \\
+        --config.train.decoder.total_steps=11000 --config.train.decoder.warmup_steps=100 \\
+        --config.train.decoder.learning_rate=2e-4
+    unclip train inpaint --config experiments/emoji16.py --workdir R11/inpaint \\
+        --data R/embeddings --config.train.inpaint.init_from=R11/decoder \\
+        --config.train.inpaint.total_steps=300
+    unclip export --config experiments/emoji16.py --clip M --prior M --sr M:0 --sr M:0 \\
+        --decoder R11/decoder --inpaint R11/inpaint --out R11/model --pca-from R/embeddings
+"""
+import os
+
+from unclip_jax.config import load_config_file
+
+DECODER_SIZE = 16
+
+
+def get_config():
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "emoji.py"))
+    c.name = "emoji16"
+    c.decoder.image_size = DECODER_SIZE
+    c.decoder.channel_mult = (1, 2, 2, 3)
+    c.decoder.attention_resolutions = (DECODER_SIZE // 4,)  # the third level, as at 32 px
+    sr = dict(c.sr[0])
+    c.sr = [dict(sr, image_size=2 * DECODER_SIZE), dict(sr, image_size=4 * DECODER_SIZE)]
+    return c
