@@ -189,6 +189,10 @@ schedule (session 13, R9b), then a fresh 3500-step schedule from those weights (
 reported draw (round 6: 0.47), 0.50 on the validation draw (round 6: 0.45): a tie where it is
 reported, so round 6 stays shipped (docs/examples/quality/round10_not_shipped).
 
+Round 11 (session 15; measured, NOT shipped): round 10's decoder at 16 px with two upsamplers
+(16 -> 32 -> 64, both the shipped one): ``experiments/emoji16.py``, whose docstring has the
+commands. Train unCLIP R-precision 0.47 on the reported draw (a third tie with round 6), 0.515 on
+the validation draw (docs/examples/quality/round11_not_shipped).
 To train it further, start each stage from the shipped weights the same way
 (``--config.train.STAGE.init_from=unclip_jax/assets/emoji_model``).
 """
