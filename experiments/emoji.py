@@ -193,6 +193,9 @@ Round 11 (session 15; measured, NOT shipped): round 10's decoder at 16 px with t
 (16 -> 32 -> 64, both the shipped one): ``experiments/emoji16.py``, whose docstring has the
 commands. Train unCLIP R-precision 0.47 on the reported draw (a third tie with round 6), 0.515 on
 the validation draw (docs/examples/quality/round11_not_shipped).
+Round 12 (session 15; SHIPPED): round 11 with the prior trained 1000 more steps x 128 (commands in
+``experiments/emoji16.py``): 0.520 on the reported draw, 0.535 on the validation draw. The
+shipped model's config is therefore ``experiments/emoji16.py``'s.
 To train it further, start each stage from the shipped weights the same way
 (``--config.train.STAGE.init_from=unclip_jax/assets/emoji_model``).
 """

@@ -1,4 +1,5 @@
-"""The emoji unCLIP with a 16 px decoder and two upsamplers (16 -> 32 -> 64): round 11.
+"""The emoji unCLIP with a 16 px decoder and two upsamplers (16 -> 32 -> 64): rounds 11 and 12
+(round 12 is the shipped model).
 
 Why: the decoder-ceiling rows of ``benchmarks/quality_emoji.py`` (real images shrunk to the
 decoder's size, then through the upsamplers) show what resolution costs. Real train-concept
@@ -28,6 +29,17 @@ shipped 32 -> 64 upsampler. Commands (M: the round-6 shipped model, R10M: round 
 Measured (session 15; README, "Round 11"): train unCLIP R-precision 0.470 on the reported draw
 (round 6: 0.470), 0.515 on the validation draw (round 6: 0.450); caption only 0.29, CLIP text
 emb 0.45, oracle image emb 0.51 (round 6: 0.21, 0.35, 0.39). Not shipped: a tie where reported.
+
+Round 12 (session 15; shipped): round 11 with the prior trained 1000 more steps (R11M: round
+11's model dir)::
+
+    unclip train prior --config experiments/emoji16.py --workdir R12/prior --data R/embeddings \
+        --config.train.prior.init_from=M --config.train.prior.total_steps=1000 \
+        --config.train.prior.warmup_steps=50 --config.train.prior.learning_rate=2e-4
+    unclip export --config experiments/emoji16.py --clip M --prior R12/prior --sr R11M --sr R11M \
+        --decoder R11M --inpaint R11M --out NEW_M --pca-from R/embeddings
+
+Train unCLIP R-precision 0.520 on the reported draw, 0.535 on the validation draw.
 """
 import os
 

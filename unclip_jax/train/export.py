@@ -7,9 +7,9 @@ the *EMA* params of each stage's latest checkpoint in the UnCLIP model-dir forma
 may also be a model dir, whose params for that stage are copied. ``sr`` may be given as
 ``sr`` (upsampler 0) or ``sr0``, ``sr1``, ...; a model dir as upsampler ``i`` gives its
 upsampler ``i``, or its upsampler ``N`` when written ``DIR:N`` (the upsamplers are
-convolutional, so one trained 32 -> 64 also serves 16 -> 32 at a smaller decoder size). An ``inpaint`` workdir becomes the model's
-inpainting decoder (``params['inpaint']``, used by ``unclip inpaint``). ``storage_dtype=
-'bfloat16'`` halves the size on disk (the shipped model).
+convolutional, so one trained 32 -> 64 also serves 16 -> 32 at a smaller decoder size). An
+``inpaint`` workdir becomes the model's inpainting decoder (``params['inpaint']``, used by
+``unclip inpaint``). ``storage_dtype='bfloat16'`` halves the size on disk (the shipped model).
 
 ``embed_batches`` / ``embed_dataset``: CLIP image embedding, text embedding, token states and
 mask of every example of a data source, once, for prior / decoder training.
