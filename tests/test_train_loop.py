@@ -375,7 +375,7 @@ def test_export_cli_writes_a_bf16_model_dir(tmp_path):
 def test_export_cli_reuses_one_upsampler_for_two_stages(tmp_path):
     """`--sr DIR:N` once per upsampler: a config with two upsamplers (8 -> 16 -> 32) exported
     from a model dir with one; both get that upsampler's weights, the model samples at 32 px,
-    and a missing upsampler index or ':N' on a train workdir is refused with its reason."""
+    and a missing upsampler index or a missing folder is refused with its reason."""
     import jax.numpy as jnp
 
     from unclip_jax.pipelines import model as model_lib
@@ -384,11 +384,9 @@ def test_export_cli_reuses_one_upsampler_for_two_stages(tmp_path):
 
     cfg = tmp_path / "two_sr.py"
     cfg.write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('_micro', {MICRO!r})\n"
-        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "from unclip_jax.config import load_config_file\n"
         "def get_config():\n"
-        "    c = mod.get_config()\n"
+        f"    c = load_config_file({MICRO!r})\n"
         "    c.sr = [dict(c.sr[0]), dict(c.sr[0], image_size=32)]\n"
         "    return c\n")
     out = str(tmp_path / "m")
