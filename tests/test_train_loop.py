@@ -409,6 +409,24 @@ def test_export_cli_reuses_one_upsampler_for_two_stages(tmp_path):
                      "--sr", f"{tmp_path / 'missing'}:0"])
 
 
+def test_export_refuses_an_upsampler_index_on_a_train_workdir(tmp_path):
+    """`DIR:N` names an upsampler of a model dir; on a train workdir (one stage, no upsampler
+    list) it is refused with that reason, and `split_sr_source` only splits off a trailing
+    index when the whole spec is not itself a folder."""
+    from unclip_jax.config import load_config_file
+    from unclip_jax.train.export import ExportError, load_stage_params, split_sr_source
+
+    workdir = tmp_path / "sr_run"
+    workdir.mkdir()
+    with pytest.raises(ExportError, match="is a train workdir"):
+        load_stage_params(load_config_file(MICRO), "sr", str(workdir), source_index=0)
+    assert split_sr_source(f"{workdir}:1") == (str(workdir), 1)
+    assert split_sr_source(str(workdir)) == (str(workdir), None)
+    odd = tmp_path / "run:2"
+    odd.mkdir()
+    assert split_sr_source(str(odd)) == (str(odd), None)
+
+
 def _read_tb_scalars(logdir: str) -> dict:
     """{(tag, step): value} from the TFRecord event files under ``logdir`` (framing: u64 length,
     u32 crc, payload, u32 crc), parsed with tensorboardX's Event protobuf."""
