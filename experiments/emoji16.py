@@ -1,5 +1,5 @@
-"""The emoji unCLIP with a 16 px decoder and two upsamplers (16 -> 32 -> 64): rounds 11 and 12
-(round 12 is the shipped model).
+"""The emoji unCLIP with a 16 px decoder and two upsamplers (16 -> 32 -> 64): rounds 11 to 13
+(round 13 is the shipped model).
 
 Why: the decoder-ceiling rows of ``benchmarks/quality_emoji.py`` (real images shrunk to the
 decoder's size, then through the upsamplers) show what resolution costs. Real train-concept
@@ -40,6 +40,18 @@ Round 12 (session 15; shipped): round 11 with the prior trained 1000 more steps 
         --decoder R11M --inpaint R11M --out NEW_M --pca-from R/embeddings
 
 Train unCLIP R-precision 0.520 on the reported draw, 0.535 on the validation draw.
+
+Round 13 (session 16; shipped): round 12 with the decoder trained 7000 more steps from round
+11's (R11/decoder; R12M: round 12's model dir)::
+
+    unclip train decoder --config experiments/emoji16.py --workdir R13/decoder \
+        --data R/embeddings --config.train.decoder.init_from=R11/decoder \
+        --config.train.decoder.total_steps=7000 --config.train.decoder.warmup_steps=100 \
+        --config.train.decoder.learning_rate=1.5e-4
+    unclip export --config experiments/emoji16.py --clip R12M --prior R12M --sr R12M:0 \
+        --sr R12M:1 --decoder R13/decoder --inpaint R12M --out NEW_M --pca-from R/embeddings
+
+Train unCLIP R-precision 0.530 on the reported draw, 0.555 on the validation draw.
 """
 import os
 
