@@ -1,5 +1,5 @@
-"""The emoji unCLIP with a 16 px decoder and two upsamplers (16 -> 32 -> 64): rounds 11 to 13
-(round 13 is the shipped model).
+"""The emoji unCLIP with a 16 px decoder and two upsamplers (16 -> 32 -> 64): rounds 11 to 14
+(round 14 is the shipped model).
 
 Why: the decoder-ceiling rows of ``benchmarks/quality_emoji.py`` (real images shrunk to the
 decoder's size, then through the upsamplers) show what resolution costs. Real train-concept
@@ -52,6 +52,24 @@ Round 13 (session 16; shipped): round 12 with the decoder trained 7000 more step
         --sr R12M:1 --decoder R13/decoder --inpaint R12M --out NEW_M --pca-from R/embeddings
 
 Train unCLIP R-precision 0.530 on the reported draw, 0.555 on the validation draw.
+
+Round 14 (session 17; shipped): round 13 with its decoder trained 18000 more steps from the
+shipped model dir's EMA weights (M: round 13's model dir, i.e. unclip_jax/assets/emoji_model
+before this round; R14 = runs/s17)::
+
+    unclip train decoder --config experiments/emoji16.py --workdir R14/dec16 \
+        --data R/embeddings --config.train.decoder.init_from=M \
+        --config.train.decoder.total_steps=18000 --config.train.decoder.warmup_steps=100 \
+        --config.train.decoder.learning_rate=1.5e-4
+    unclip train inpaint --config experiments/emoji16.py --workdir R14/inpaint \
+        --data R/embeddings --config.train.inpaint.init_from=R14/dec16 \
+        --config.train.inpaint.total_steps=300
+    unclip export --config experiments/emoji16.py --clip M --prior M --sr M:0 --sr M:1 \
+        --decoder R14/dec16 --inpaint R14/inpaint --out NEW_M --pca-from R/embeddings \
+        --storage-dtype bfloat16
+
+Train unCLIP R-precision 0.530 on the reported draw (a tie with round 13), 0.580 on the
+validation draw, 0.485 on a tiebreak draw (seed 2; round 13 also 0.485).
 """
 import os
 
