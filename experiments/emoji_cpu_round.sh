@@ -20,7 +20,8 @@
 #   (300), QUALITY (1; 0 skips the ~32 min of quality runs), PY (python3), DEC_CONFIG (extra
 #   --config.decoder.* overrides for the decoder, inpainting decoder and export, e.g.
 #   "--config.decoder.attention_resolutions=(16,8)": a decoder grown from the shipped one with
-#   train.decoder.init_partial, new modules starting fresh; round 8 ran this).
+#   train.decoder.init_partial, new modules starting fresh; round 8 ran this), CFG (the shipped
+#   model's config: experiments/emoji16.py since round 12; rounds 7 and 8 ran experiments/emoji.py).
 set -euo pipefail
 NAME=${1:?usage: emoji_cpu_round.sh NAME [STEPS]}
 STEPS=${2:-4000}
@@ -29,7 +30,7 @@ R=${R:-runs/emoji}
 DATA_DIR=${DATA_DIR:-$HOME/tensorflow_datasets}
 M=unclip_jax/assets/emoji_model
 W=$R/$NAME
-CFG=experiments/emoji.py
+CFG=${CFG:-experiments/emoji16.py}
 mkdir -p "$W"
 read -r -a DEC <<< "${DEC_CONFIG:-}"
 GROW=()
@@ -56,8 +57,12 @@ unclip train inpaint --config $CFG --workdir "$W/inpaint" --data "$R/embeddings"
   --config.train.inpaint.total_steps="${INPAINT_STEPS:-300}"
 
 log "5/7 export -> $W/model"
+# every upsampler of the shipped model, by index (`--sr DIR:N`; emoji16 has two)
+SR=()
+NUM_SR=$($PY -c "import json, sys; print(len(json.load(open(sys.argv[1]))['config']['sr']))" $M/unclip.json)
+for ((i = 0; i < NUM_SR; i++)); do SR+=(--sr "$M:$i"); done
 rm -rf "$W/model"
-unclip export --config $CFG "${DEC[@]}" --clip $M --prior $M --sr $M --decoder "$W/decoder" \
+unclip export --config $CFG "${DEC[@]}" --clip $M --prior $M "${SR[@]}" --decoder "$W/decoder" \
   --inpaint "$W/inpaint" --out "$W/model" --pca-from "$R/embeddings"
 
 log "6/7 the shipped-model test, on the candidate"
