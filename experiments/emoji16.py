@@ -1,5 +1,5 @@
-"""The emoji unCLIP with a 16 px decoder and two upsamplers (16 -> 32 -> 64): rounds 11 to 14
-(round 14 is the shipped model).
+"""The emoji unCLIP with a 16 px decoder and two upsamplers (16 -> 32 -> 64): rounds 11 to 16
+(round 16 is the shipped model).
 
 Why: the decoder-ceiling rows of ``benchmarks/quality_emoji.py`` (real images shrunk to the
 decoder's size, then through the upsamplers) show what resolution costs. Real train-concept
@@ -70,6 +70,24 @@ before this round; R14 = runs/s17)::
 
 Train unCLIP R-precision 0.530 on the reported draw (a tie with round 13), 0.580 on the
 validation draw, 0.485 on a tiebreak draw (seed 2; round 13 also 0.485).
+
+Round 16 (session 18; shipped; round 15 was a prior candidate, not adopted): round 14's decoder
+trained 22000 more steps, continued from the fp32 EMA weights of round 14's training workdir
+(R14/dec16, not the bf16 model dir; M: round 14's model dir; R16 = runs/s18)::
+
+    unclip train decoder --config experiments/emoji16.py --workdir R16/dec16 \
+        --data R/embeddings --config.train.decoder.init_from=R14/dec16 \
+        --config.train.decoder.total_steps=22000 --config.train.decoder.warmup_steps=100 \
+        --config.train.decoder.learning_rate=1e-4
+    unclip train inpaint --config experiments/emoji16.py --workdir R16/inpaint \
+        --data R/embeddings --config.train.inpaint.init_from=R16/dec16 \
+        --config.train.inpaint.total_steps=300
+    unclip export --config experiments/emoji16.py --clip M --prior M --sr M:0 --sr M:1 \
+        --decoder R16/dec16 --inpaint R16/inpaint --out NEW_M --pca-from R/embeddings \
+        --storage-dtype bfloat16
+
+Train unCLIP R-precision 0.600 on the reported draw (round 14: 0.530), 0.635 on the validation
+draw (0.580), 0.560 on the seed-2 draw (0.485).
 """
 import os
 
