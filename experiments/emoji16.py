@@ -73,18 +73,13 @@ validation draw, 0.485 on a tiebreak draw (seed 2; round 13 also 0.485).
 
 Round 16 (session 18; shipped; round 15 was a prior candidate, not adopted): round 14's decoder
 trained 22000 more steps, continued from the fp32 EMA weights of round 14's training workdir
-(R14/dec16, not the bf16 model dir; M: round 14's model dir; R16 = runs/s18)::
+(R14/dec16) rather than the bf16 model dir. Run by hand as round 14's three commands with R16
+(runs/s18) for R14, M the round-14 model dir, and the decoder's flags changed to
+``--config.train.decoder.init_from=R14/dec16 --config.train.decoder.total_steps=22000
+--config.train.decoder.learning_rate=1e-4``; the same round in one command, with the quality
+runs (``R``, ``DATA_DIR`` as in that script)::
 
-    unclip train decoder --config experiments/emoji16.py --workdir R16/dec16 \
-        --data R/embeddings --config.train.decoder.init_from=R14/dec16 \
-        --config.train.decoder.total_steps=22000 --config.train.decoder.warmup_steps=100 \
-        --config.train.decoder.learning_rate=1e-4
-    unclip train inpaint --config experiments/emoji16.py --workdir R16/inpaint \
-        --data R/embeddings --config.train.inpaint.init_from=R16/dec16 \
-        --config.train.inpaint.total_steps=300
-    unclip export --config experiments/emoji16.py --clip M --prior M --sr M:0 --sr M:1 \
-        --decoder R16/dec16 --inpaint R16/inpaint --out NEW_M --pca-from R/embeddings \
-        --storage-dtype bfloat16
+    INIT=R14/dec16 LR=1e-4 bash experiments/emoji_cpu_round.sh r16 22000
 
 Train unCLIP R-precision 0.600 on the reported draw (round 14: 0.530), 0.635 on the validation
 draw (0.580), 0.560 on the seed-2 draw (0.485).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One CPU round of the shipped emoji model, from a fresh machine to a measured candidate model:
-# data + embeddings, the evaluation CLIP, STEPS more decoder steps from the shipped weights, the
+# data + embeddings, the evaluation CLIP, STEPS more decoder steps from the shipped weights (or INIT), the
 # inpainting decoder re-tuned from that decoder, export, the shipped-model test on the candidate,
 # and the quality tables of both splits (rounds 4-6 ran these steps by hand; round 7 ran this script).
 #
@@ -21,7 +21,9 @@
 #   --config.decoder.* overrides for the decoder, inpainting decoder and export, e.g.
 #   "--config.decoder.attention_resolutions=(16,8)": a decoder grown from the shipped one with
 #   train.decoder.init_partial, new modules starting fresh; round 8 ran this), CFG (the shipped
-#   model's config: experiments/emoji16.py since round 12; rounds 7 and 8 ran experiments/emoji.py).
+#   model's config: experiments/emoji16.py since round 12; rounds 7 and 8 ran experiments/emoji.py),
+#   INIT (where the decoder starts: the shipped model dir, or a decoder training workdir, whose
+#   fp32 EMA weights round 16 continued from instead of the model dir's bf16 copy).
 set -euo pipefail
 NAME=${1:?usage: emoji_cpu_round.sh NAME [STEPS]}
 STEPS=${2:-4000}
@@ -45,9 +47,10 @@ log "2/7 evaluation CLIP"
 unclip train clip --config experiments/emoji_eval_clip.py --workdir "$R/eval_clip" \
   --data "tfds:emoji_dataset:train@$DATA_DIR" --no-progress
 
-log "3/7 decoder: $STEPS steps from the shipped weights"
+INIT=${INIT:-$M}
+log "3/7 decoder: $STEPS steps from $INIT"
 unclip train decoder --config $CFG --workdir "$W/decoder" --data "$R/embeddings" --no-progress \
-  "${DEC[@]}" "${GROW[@]}" --config.train.decoder.init_from=$M --config.train.decoder.total_steps="$STEPS" \
+  "${DEC[@]}" "${GROW[@]}" --config.train.decoder.init_from="$INIT" --config.train.decoder.total_steps="$STEPS" \
   --config.train.decoder.warmup_steps=100 --config.train.decoder.learning_rate="${LR:-2e-4}" \
   --steps "${STOP_AT:-$STEPS}"
 
