@@ -4,7 +4,11 @@
 #
 #   ./launch_tpu.sh --name unclip-v5p --zone us-east5-a --accelerator-type v5p-128 \
 #       --project my-proj --config experiments/karlo.py --stage decoder \
-#       --workdir gs://my-bucket/karlo/decoder [--dry-run] [-- extra train args]
+#       --workdir gs://my-bucket/karlo/decoder [--detach] [--dry-run] [-- extra train args]
+#
+# On a slice with several workers the training command exports UNCLIP_DISTRIBUTED=1 (each worker
+# counts the slice's workers in the GCE metadata), so `unclip train` calls
+# jax.distributed.initialize() and the workers form one JAX job.
 #
 # Plan first (no TPU needed): unclip plan --config experiments/karlo.py --stage decoder \
 #       --topology v5p-128
@@ -27,6 +31,8 @@ usage: launch_tpu.sh --name NAME --zone ZONE --accelerator-type TYPE --config FI
   --branch BRANCH           branch for --git (default: main)
   --remote-dir DIR          code directory on the workers (default: unclip_jax)
   --spot                    create a Spot TPU
+  --detach                  start training under nohup on every worker (log: REMOTE_DIR/train-STAGE.log)
+                            and return, so a dropped ssh connection does not stop it
   --dry-run                 print the commands instead of running them
   -h, --help                this help
 Everything after `--` is appended to the `unclip train` command.
@@ -34,7 +40,7 @@ EOF
 }
 
 NAME="" ZONE="" ACCEL="" RUNTIME="" PROJECT="" CONFIG="" STAGE="" WORKDIR=""
-GIT_URL="" BRANCH="main" REMOTE_DIR="unclip_jax" SPOT=0 DRY_RUN=0
+GIT_URL="" BRANCH="main" REMOTE_DIR="unclip_jax" SPOT=0 DRY_RUN=0 DETACH=0
 EXTRA=()
 
 need_value() {
@@ -58,6 +64,7 @@ while [[ $# -gt 0 ]]; do
     --branch) need_value "$@"; BRANCH="$2"; shift 2 ;;
     --remote-dir) need_value "$@"; REMOTE_DIR="$2"; shift 2 ;;
     --spot) SPOT=1; shift ;;
+    --detach) DETACH=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -155,5 +162,18 @@ on_all_workers "cd $REMOTE_DIR && python3 -m pip install -U pip && python3 -m pi
 # 4. The same training command on every worker (JAX's multi-host runtime connects them).
 TRAIN="unclip train $STAGE --config $CONFIG --workdir $WORKDIR"
 for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do TRAIN+=" $(printf '%q' "$a")"; done
-[[ $DRY_RUN -eq 1 ]] && echo "# train on all workers"
-on_all_workers "cd $REMOTE_DIR && export PATH=\$HOME/.local/bin:\$PATH && $TRAIN"
+# A slice with several workers is one JAX job: count them in the GCE metadata (as JAX's own
+# cluster detection does) and ask `unclip train` to call jax.distributed.initialize().
+ENDPOINTS=http://metadata.google.internal/computeMetadata/v1/instance/attributes/worker-network-endpoints
+MULTI='n=$(curl -sf -H Metadata-Flavor:Google '"$ENDPOINTS"' | tr , "\n" | grep -c . || true); '
+MULTI+='if [ "${n:-1}" -gt 1 ]; then export UNCLIP_DISTRIBUTED=1; fi'
+PRELUDE="cd $REMOTE_DIR && export PATH=\$HOME/.local/bin:\$PATH && $MULTI"
+if [[ $DETACH -eq 1 ]]; then
+  LOG="train-$STAGE.log"
+  [[ $DRY_RUN -eq 1 ]] && echo "# train on all workers, detached (log: $REMOTE_DIR/$LOG on each worker)"
+  on_all_workers "$PRELUDE && nohup $TRAIN > $LOG 2>&1 < /dev/null &"
+  echo "follow worker 0: gcloud compute tpus tpu-vm ssh $NAME ${LOC[*]} --worker=0 --command 'tail -f $REMOTE_DIR/$LOG'"
+else
+  [[ $DRY_RUN -eq 1 ]] && echo "# train on all workers"
+  on_all_workers "$PRELUDE && $TRAIN"
+fi

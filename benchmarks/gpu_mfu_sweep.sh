@@ -7,8 +7,8 @@
 # Runs benchmarks/train_throughput.py once per variant (same process settings, same GPU, one
 # after another) and writes OUT/VARIANT.log for each plus OUT/summary.tsv (variant, batch,
 # step_s, images_per_s, mfu). A variant that fails or passes its share of BUDGET_S (default 480)
-# is recorded as such and the sweep goes on. The last variant also writes a jax.profiler trace
-# of 3 steps to OUT/trace. Env: CONFIG (experiments/karlo.py), STEPS (10), PY (python3),
+# is recorded as such and the sweep goes on. The first variant (the baseline, the likeliest to
+# run) also writes a jax.profiler trace of 3 steps to OUT/trace. Env: CONFIG (experiments/karlo.py), STEPS (10), PY (python3),
 # VARIANTS (space-separated NAME=BATCH:OVERRIDES entries, overrides joined by '+'; see below).
 # On a CPU machine `CONFIG=experiments/tiny.py DTYPE=float32 bash benchmarks/gpu_mfu_sweep.sh
 # /tmp/sweep` checks the plumbing in a minute (MFU is n/a there).
@@ -39,7 +39,7 @@ for v in "$@"; do
   fi
   extra=()
   [ -n "$ovr" ] && extra=(${ovr//+/ })
-  [ "$i" -eq "$N" ] && extra+=(--profile "$OUT/trace")
+  [ "$i" -eq 1 ] && extra+=(--profile "$OUT/trace")
   echo "== $name: batch $batch ${extra[*]:-} (limit ${share}s)"
   timeout -s INT "$share" $PY benchmarks/train_throughput.py --config "$CONFIG" --stage decoder \
     --batch "$batch" --steps "$STEPS" --dtype "$DTYPE" "${extra[@]}" > "$OUT/$name.log" 2>&1

@@ -35,14 +35,18 @@ from unclip_jax.train.state import TrainState
 from unclip_jax.train.step import make_train_step
 from unclip_jax.utils.flops import compiled_flops, lowered_flops
 
-# Dense bf16 peak FLOP/s per chip.
-PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
-               "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0, "tpu v6": 918.0}
+# Dense bf16 peak FLOP/s per chip, most specific name first: device_kind is e.g.
+# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
+# "TPU v5 lite"; the first table entry contained in it wins.
+PEAK_TFLOPS = (("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h200 nvl", 835.0), ("h100", 989.0),
+               ("h200", 989.0), ("a100", 312.0), ("tpu v4", 275.0), ("tpu v5 lite", 197.0),
+               ("tpu v5e", 197.0), ("tpu v5p", 459.0), ("tpu v5", 459.0), ("tpu v6", 918.0))
 
 
 def peak_tflops(device) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s, or None for an unknown one (e.g. a CPU)."""
     kind = device.device_kind.lower()
-    for name, tf in PEAK_TFLOPS.items():
+    for name, tf in PEAK_TFLOPS:
         if name in kind:
             return tf
     return None

@@ -58,3 +58,19 @@ def test_train_throughput_counts_the_model_flops(capsys, monkeypatch):
     only = capsys.readouterr().out
     m2 = re.search(r"tflops_per_step=([0-9.]+)", only)
     assert m2 and float(m2.group(1)) == ours, only
+
+
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989.0),
+                                        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("TPU v5 lite", 197.0), ("TPU v5p", 459.0),
+                                        ("TPU v4", 275.0), ("cpu", None)])
+def test_mfu_peak_is_the_devices_dense_bf16_peak(monkeypatch, kind, peak):
+    """MFU divides by the right peak: the PCIe H100 (756 TFLOP/s) is not taken for the SXM one."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import train_throughput
+
+    class Dev:
+        device_kind = kind
+
+    assert train_throughput.peak_tflops(Dev()) == peak

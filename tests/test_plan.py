@@ -4,6 +4,7 @@ The compile tests need libtpu (`pip install 'jax[tpu]==0.10.2'`, the `tpu` extra
 without it; the topology parsing, analytic estimate, CLI and launch-script tests run anywhere.
 """
 import os
+import shlex
 import subprocess
 
 import jax
@@ -225,3 +226,86 @@ def test_launch_tpu_rejects_missing_flags():
     r = subprocess.run(["bash", script, "--name", "x", "--dry-run"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "missing" in r.stderr
+
+
+def _launch_dry_run(*extra):
+    script = os.path.join(ROOT, "launch_tpu.sh")
+    out = subprocess.run(
+        ["bash", script, "--name", "pod", "--zone", "z", "--accelerator-type", "v4-32",
+         "--config", "experiments/karlo.py", "--stage", "prior", "--workdir", "gs://b/w",
+         "--dry-run", *extra],
+        capture_output=True, text=True, check=True).stdout
+    return [ln for ln in out.splitlines() if ln.startswith("gcloud") and "unclip train" in ln]
+
+
+@pytest.mark.parametrize("endpoints, expected", [("10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4", "1"),
+                                                 ("10.0.0.1", ""), (None, "")])
+def test_launch_tpu_workers_form_one_jax_job_on_a_multi_worker_slice(tmp_path, endpoints,
+                                                                     expected):
+    """The remote training command sets UNCLIP_DISTRIBUTED=1 exactly when the GCE metadata lists
+    several workers (a stub `curl` stands in for the metadata server; None = it fails)."""
+    (line,) = _launch_dry_run()
+    remote = shlex.split(line)[-1]  # the --command string, as the worker's shell gets it
+    prelude, train = remote.split(" && unclip train ")
+    assert train.startswith("prior --config experiments/karlo.py --workdir gs://b/w")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    stub = bindir / "curl"
+    stub.write_text("#!/bin/sh\n" + (f"printf '%s' '{endpoints}'\n" if endpoints else "exit 22\n"))
+    stub.chmod(0o755)
+    (tmp_path / "unclip_jax").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "UNCLIP_DISTRIBUTED"}
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    r = subprocess.run(["bash", "-c", prelude + ' && printf "%s" "${UNCLIP_DISTRIBUTED:-}"'],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+
+
+def test_launch_tpu_detach_runs_training_under_nohup_with_a_log():
+    (line,) = _launch_dry_run("--detach", "--", "--data", "tfds:my_set@gs://b/tfds")
+    remote = shlex.split(line)[-1]
+    assert "nohup unclip train prior" in remote
+    assert "--data tfds:my_set@gs://b/tfds > train-prior.log 2>&1 < /dev/null &" in remote
+
+
+def test_launch_tpu_git_checkout_and_runtime_version():
+    script = os.path.join(ROOT, "launch_tpu.sh")
+    out = subprocess.run(
+        ["bash", script, "--name", "pod", "--zone", "z", "--accelerator-type", "v5p-128",
+         "--config", "experiments/karlo.py", "--stage", "sr", "--workdir", "gs://b/w",
+         "--git", "https://example.com/unclip_jax.git", "--branch", "dev",
+         "--runtime-version", "my-runtime", "--dry-run"],
+        capture_output=True, text=True, check=True).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("gcloud")]
+    assert any("tpu-vm create" in ln and "--version my-runtime" in ln for ln in lines)
+    fetch = [ln for ln in lines if "git clone" in ln]
+    assert len(fetch) == 1 and "--worker=all" in fetch[0]
+    assert "git clone --branch dev https://example.com/unclip_jax.git unclip_jax" in fetch[0]
+    assert "pull --ff-only origin dev" in fetch[0]
+    assert not any("tpu-vm scp" in ln for ln in lines)  # no tarball when the code comes by git
+    r = subprocess.run(["bash", script, "--name", "p", "--zone", "z", "--accelerator-type",
+                        "v9-8", "--config", "experiments/karlo.py", "--stage", "sr",
+                        "--workdir", "w", "--dry-run"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--runtime-version" in r.stderr
+
+
+@needs_libtpu
+def test_sampling_loop_compiles_for_v5e_and_flops_are_per_step():
+    """`unclip plan` compiles the whole sampling loop (a fori_loop of guided steps); the FLOPs it
+    reports are one step's (the loop body, counted once), so they do not grow with the number of
+    steps, while the text multiplies them by the steps for the loop's ideal time."""
+    from unclip_jax import config as cfg
+
+    reports = {}
+    for steps in ("10", "20"):
+        c = cfg.load_config_file(TINY)
+        c.diffusion.prior["sample_steps"] = steps
+        reports[steps] = plan(c, "prior", "v5e:2x2", mesh="data=1,fsdp=4,tensor=1",
+                              batch_size=8, compile_train=False, compile_sample=True)
+    r10, r20 = reports["10"], reports["20"]
+    assert r10.sample.compiled and r10.sample.flops_per_device > 0
+    assert r10.sample_steps == 10 and r20.sample_steps == 20
+    assert abs(r20.sample.flops_per_device - r10.sample.flops_per_device) <= (
+        1e-3 * r10.sample.flops_per_device)
+    assert "sampling (10 steps" in r10.to_text() and "sampling (20 steps" in r20.to_text()
