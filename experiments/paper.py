@@ -75,12 +75,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.prior = train(batch_size=4096, learning_rate=1.1e-4, total_steps=600_000, b2=0.96,
                           eps=1e-6, weight_decay=6.0e-2, mesh=dict(data=-1, fsdp=4, tensor=1))
     c.train.decoder = train(vlb_weight=0.001)
-    # Upsampler 0 (64 -> 256): 64x64 crops, batch 1024, lr 1.2e-4. For upsampler 1 (256 -> 1024)
-    # the paper uses 256x256 crops, batch 512, lr 1e-4 (and BSR-style degradation, which we
-    # approximate by blur): --set train.sr.index=1 --set train.sr.crop_size=256
+    # Upsampler 0 (64 -> 256): 64x64 crops, batch 1024, lr 1.2e-4, blurred low-res input. For
+    # upsampler 1 (256 -> 1024) the paper uses 256x256 crops, batch 512, lr 1e-4 and BSR-style
+    # degradation (corruption[1] = 'bsr': BSR-lite on the host, data/augment.py; options in an
+    # optional train.sr.bsr dict): --set train.sr.index=1 --set train.sr.crop_size=256
     # --set train.sr.batch_size=512 --set train.sr.learning_rate=1e-4
     c.train.sr = train(batch_size=1024, total_steps=1_000_000, index=0, crop_size=64,
-                       blur_sigma=(0.4, 0.6), blur_kernel=3, mesh=dict(data=-1, fsdp=8, tensor=1))
+                       blur_sigma=(0.4, 0.6), blur_kernel=3, corruption=("blur", "bsr"),
+                       mesh=dict(data=-1, fsdp=8, tensor=1))
     c.train.inpaint = train(vlb_weight=0.001, total_steps=100_000, init_from="",
                             mask_min_frac=0.25, mask_max_frac=0.75, mask_p_keep_all=0.0)
     return c

@@ -50,9 +50,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Training, one section per stage (`unclip train STAGE`; see unclip_jax/train/loop.py).
     # mesh: data/fsdp/tensor sizes (-1 = the remaining devices; positive sizes whose product is
-    # below the device count use that many devices). total_steps: the LR schedule's length and
-    # the default --steps. save_every / log_every in steps; keep_last checkpoints kept.
-    # max_nonfinite: abort after that many non-finite losses in a row.
+    # below the device count use that many devices, with a warning). total_steps: the LR
+    # schedule's length and the default --steps. save_every / log_every / eval_every in steps;
+    # keep_last checkpoints kept. A step is one batch of batch_size (a micro-batch when
+    # accum_steps k > 1: every k-th step applies one update, and the schedule and EMA run over
+    # total_steps / k updates). max_nonfinite: abort after that many non-finite losses in a row.
+    # eval_every (0 = off) / eval_batches: evaluate the EMA weights on --eval-data.
     def train(**kw):
         base = dict(batch_size=8, learning_rate=1e-4, warmup_steps=100, total_steps=10_000,
                     weight_decay=0.0, grad_clip_norm=1.0, accum_steps=1, ema_decay=0.9999,

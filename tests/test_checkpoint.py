@@ -201,6 +201,55 @@ def test_preemption_guard_sets_flag_and_restores_handler(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_multiprocess_without_preemption_service_falls_back_to_sigterm(monkeypatch):
+    """Several processes but JAX's preemption sync service not running: the guard installs its
+    SIGTERM handler anyway, and should_stop all-gathers the hosts' flags, so a signal on any
+    host stops every host at the same step."""
+    from unclip_jax.checkpoint import preemption
+
+    assert preemption.preemption_service_running() is False  # no jax.distributed here
+    monkeypatch.setattr(jax, "process_count", lambda *a, **k: 2)
+    monkeypatch.setattr(preemption, "preemption_service_running", lambda: False)
+    other_host = {"requested": False}
+    gathered = []
+
+    def fake_any(flag):  # this host's flag and the other host's
+        gathered.append(flag)
+        return flag or other_host["requested"]
+
+    monkeypatch.setattr(preemption, "any_process_requested", fake_any)
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionGuard() as guard:
+        assert not guard.use_sync_service
+        assert signal.getsignal(signal.SIGTERM) == guard._handler
+        assert not guard.should_stop(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.should_stop(2) and guard.signal_received == signal.SIGTERM
+    assert gathered == [False, True]
+    assert signal.getsignal(signal.SIGTERM) == before
+    with PreemptionGuard() as guard:  # the signal reached the other host only
+        other_host["requested"] = True
+        assert guard.should_stop(3) and guard.requested
+
+
+def test_multiprocess_with_preemption_service_uses_the_sync_point(monkeypatch):
+    """With the service running the guard leaves SIGTERM to it and stops at the sync point."""
+    from jax.experimental import multihost_utils
+
+    from unclip_jax.checkpoint import preemption
+
+    monkeypatch.setattr(jax, "process_count", lambda *a, **k: 2)
+    monkeypatch.setattr(preemption, "preemption_service_running", lambda: True)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda s: s == 5)
+    monkeypatch.setattr(preemption, "any_process_requested",
+                        lambda flag: pytest.fail("no all-gather with the sync service"))
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionGuard() as guard:
+        assert guard.use_sync_service and signal.getsignal(signal.SIGTERM) == before
+        assert [guard.should_stop(s) for s in (3, 4)] == [False, False]
+        assert guard.should_stop(5)
+
+
 CHILD = textwrap.dedent("""
     import sys, time
     import jax, jax.numpy as jnp

@@ -1,7 +1,9 @@
-"""Augment: crops, blur corruption, paired crops, BSR-lite, inpainting masks."""
+"""Augment: crops, blur corruption (fixed or sigma-derived kernels), paired crops, BSR-lite,
+inpainting masks."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 from unclip_jax.data import augment as A
@@ -84,3 +86,24 @@ def test_inpaint_masks():
         assert np.all(flat.min(1) == 0) and np.all(flat.max(1) == 1)
     mixed = A.random_inpaint_masks(np.random.default_rng(1), 4, 2, 2)
     assert mixed.shape == (4, 2, 2, 1)
+
+
+def test_random_crop_and_fixed_kernel_blur():
+    x = _noise(4, 12, 12)
+    out = jax.jit(lambda r, x: A.random_crop(r, x, 6, align=3))(jax.random.PRNGKey(2), x)
+    assert out.shape == (4, 6, 6, 3)
+    for i in range(4):  # a window at offsets on the 3-pixel grid
+        assert any(np.array_equal(out[i], x[i, y:y + 6, z:z + 6])
+                   for y in (0, 3, 6) for z in (0, 3, 6))
+    assert A.random_crop(jax.random.PRNGKey(2), x, 12) is x
+    # kernel_size fixes the taps: 1 tap is the identity, more taps blur more
+    np.testing.assert_allclose(A.gaussian_blur(x, 2.0, kernel_size=1), x, atol=1e-6)
+    assert _high_freq_energy(A.gaussian_blur(x, 2.0, kernel_size=5)) < _high_freq_energy(
+        A.gaussian_blur(x, 2.0, kernel_size=3))
+    with pytest.raises(ValueError, match="odd"):
+        A.gaussian_blur(x, 1.0, kernel_size=4)
+    # blur_corrupt: sigma drawn in the range; a range up to 0 leaves the images as they are
+    y, sigma = A.blur_corrupt(jax.random.PRNGKey(0), x, (0.4, 0.6), kernel_size=3,
+                              return_sigma=True)
+    assert y.shape == x.shape and np.all((sigma >= 0.4) & (sigma <= 0.6))
+    assert A.blur_corrupt(jax.random.PRNGKey(0), x, (0.0, 0.0)) is x

@@ -95,3 +95,37 @@ def test_shuffle_shards_epochs():
 def test_default_sharding_uses_jax_process():
     r = Reader([{"image": np.zeros((1, 1, 3), np.uint8), "captions": ["x"]}] * 4, 2)
     assert (r.shard_index, r.shard_count) == (0, 1)
+
+
+def test_primary_hosts_state_resumes_every_process():
+    """Orbax saves the data state of process 0 only; on resume every process gets it. Two
+    processes (shard 0 / 1 of 2) in lockstep: process 0's state restores a fresh shard-1 reader
+    at exactly the batch shard 1 would have produced next, unbroken."""
+    n = 37  # 18 per process: batches of 4 cross epoch ends
+    src = [{"image": np.full((2, 2, 3), i, np.uint8), "captions": [f"a{i}", f"b{i}", f"c{i}"]}
+           for i in range(n)]
+    kw = dict(batch_size=4, seed=5, prefetch=0, num_threads=0)
+    procs = [Reader(src, shard_options=gp.ShardOptions(p, 2), **kw) for p in (0, 1)]
+    for _ in range(6):  # 6 lockstep steps
+        for r in procs:
+            next(r)
+    saved = json.loads(json.dumps(procs[0].get_state()))  # what the checkpoint holds
+    assert "shard_index" not in saved
+    unbroken = [next(procs[1]) for _ in range(5)]
+    resumed = Reader(src, shard_options=gp.ShardOptions(1, 2), **kw)
+    resumed.set_state(saved)
+    for want in unbroken:
+        _same(want, next(resumed))
+    # shard 1's own records: at each position (same epoch) another record than shard 0's
+    for k, b in enumerate(unbroken, start=6):
+        assert np.all(b["index"] != procs[0].indices(k))
+    # states of the previous format (version 1, with the saving process's shard_index) load too
+    v1 = dict(saved, version=1, shard_index=0)
+    old = Reader(src, shard_options=gp.ShardOptions(1, 2), **kw)
+    old.set_state(v1)
+    _same(unbroken[0], next(old))
+    # another process count changes every process's order: a clear error
+    with pytest.raises(ValueError, match="shard_count=2.*process count"):
+        Reader(src, shard_options=gp.ShardOptions(0, 3), **kw).set_state(saved)
+    with pytest.raises(ValueError, match="version=99"):
+        Reader(src, shard_options=gp.ShardOptions(1, 2), **kw).set_state(dict(saved, version=99))

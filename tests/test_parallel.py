@@ -1,4 +1,5 @@
-"""Mesh creation, logical -> mesh specs, sharded init, and sharded == unsharded train steps."""
+"""Mesh creation, logical -> mesh specs, sharded init, and sharded == unsharded train and eval
+steps."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,13 @@ from unclip_jax.parallel.mesh import (
     total_bytes,
 )
 from unclip_jax.parallel.rules import UnknownLogicalAxisError
-from unclip_jax.train import jit_train_step, make_optimizer, make_train_step
+from unclip_jax.train import (
+    jit_eval_step,
+    jit_train_step,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+)
 
 SGD = dict(name="sgd", learning_rate=0.1, schedule="constant", grad_clip_norm=None)
 
@@ -190,3 +197,34 @@ def test_sharded_step_equals_single_device(single_device_step, shape):
     assert shardings.params["transformer"]["layers_0"]["mlp"]["fc1"]["dense"]["kernel"].spec == want
     if shape == (1, 4, 2):
         assert want == P("fsdp", "tensor")
+
+
+def _eval_after_one_step(mesh):
+    """One SGD step (so the EMA differs from the init), then the jitted eval of eval batch 1 of
+    a noisy loss (the rng matters) with the train step's shardings."""
+    model = ToyModel()
+    opt = make_optimizer(SGD)
+    state, shardings = sharded_init(make_init_fn(model, opt), mesh, jax.random.PRNGKey(0),
+                                    return_shardings=True)
+    loss_fn = make_loss_fn(model, noise=0.1)
+    step = jit_train_step(make_train_step(loss_fn, opt, ema_decay=0.5), mesh, shardings)
+    state, _ = step(state, shard_batch(toy_batch(0), mesh))
+    ev = jit_eval_step(make_eval_step(loss_fn), mesh, shardings)
+    batch = shard_batch(toy_batch(1), mesh)
+    metrics = ev(state, batch, 1)
+    assert all(not x.is_deleted() for x in jax.tree.leaves(state))  # eval donates nothing
+    return {k: float(v) for k, v in metrics.items()}, float(ev(state, batch, 1)["loss"])
+
+
+@pytest.fixture(scope="module")
+def single_device_eval(devices):
+    return _eval_after_one_step(make_mesh(1, 1, 1, devices=devices[:1]))[0]
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 1), (1, 4, 2)])
+def test_sharded_eval_equals_single_device(single_device_eval, shape):
+    ref = single_device_eval
+    got, again = _eval_after_one_step(make_mesh(*shape))
+    assert set(got) == {"loss", "pred_mean"} and got["loss"] == again  # deterministic
+    for k in got:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)

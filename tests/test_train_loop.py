@@ -1,11 +1,14 @@
 """The trainer: exact resume after SIGTERM / a crash, non-finite skipping and abort, metrics,
 export to a model dir that loads and samples, `unclip embed`, the train CLI, and the committed
-micro model dir that pins the model-dir format.
+micro model dir that pins the model-dir format; eval every eval_every steps, gradient accumulation
+through the trainer, real steps of every UNet stage, process-0-only logging, remote workdirs and
+the CLI's user errors / exit codes.
 
 Config: tests/fixtures/micro.py (one device, compiles shared through the persistent cache)."""
 import functools
 import json
 import os
+import re
 import signal
 
 import jax
@@ -537,3 +540,344 @@ def test_override_decoder_field_the_file_leaves_at_default():
         _cfg(**{"decoder.attention_flavour": "xla"})
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         cfg_lib.decoder_config(_cfg(**{"decoder.attention_impl": "flash"}))
+
+
+def test_override_augment_keys_the_file_leaves_out():
+    """train.STAGE.resized_crop_scale / resized_crop_ratio and train.sr.corruption are set from
+    the command line even where the config file does not list them; the stage reads them; a
+    stage without the key still refuses it."""
+    from unclip_jax.train import losses
+
+    c = _cfg()
+    assert "resized_crop_scale" not in c.train.decoder and "corruption" not in c.train.sr
+    c = _cfg(**{"train.decoder.resized_crop_scale": "(0.5, 1.0)",
+                "train.decoder.resized_crop_ratio": "(0.8, 1.25)", "train.sr.corruption": "bsr"})
+    assert tuple(c.train.decoder.resized_crop_scale) == (0.5, 1.0)
+    assert tuple(c.train.decoder.resized_crop_ratio) == (0.8, 1.25)
+    assert losses.sr_settings(c, 0)["corruption"] == "bsr"
+    with pytest.raises(ConfigError, match="unknown config key"):
+        _cfg(**{"train.prior.resized_crop_scale": "(0.5, 1.0)"})
+
+
+# ------------------------------------------------------------------------------ eval
+
+
+def _records(wd):
+    with open(os.path.join(wd, loop.METRICS_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_trainer_evaluates_every_eval_every_steps(tmp_path):
+    """train.prior.eval_every 2, eval_batches 2: eval records (eval_ prefix) at steps 2 and 4,
+    each after that step's train record, in metrics.jsonl and TensorBoard; the eval loss is the
+    loss of the EMA params on the eval batches (unjitted reference, the eval rng of each batch);
+    evaluating changes nothing in training; eval_every without eval data is refused."""
+    from unclip_jax.train.losses import make_loss_fn
+    from unclip_jax.train.step import eval_rng
+
+    cfg = _cfg(**{"train.prior.log_every": "2"})
+    with pytest.raises(ConfigError, match="pass --eval-data"):
+        train("prior", _cfg(**{"train.prior.eval_every": "2"}), str(tmp_path / "x"), _src(),
+              steps=1, progress=False, console=False)
+    eval_src = SyntheticSource(4, 16, seed=7, embeddings=(8, 16, 8))
+    cfg_eval = _cfg(**{"train.prior.log_every": "2", "train.prior.eval_every": "2",
+                       "train.prior.eval_batches": "2"})
+    wd = str(tmp_path / "eval")
+    res = train("prior", cfg_eval, wd, _src(), steps=4, progress=False, console=False,
+                eval_data=eval_src)
+    assert [s for s, _ in res.eval_history] == [2, 4]
+    recs = _records(wd)
+    assert [(r["step"], "eval_loss" in r) for r in recs] == [(2, False), (2, True), (4, False),
+                                                             (4, True)]
+    for r in recs[1::2]:
+        # the loss and the loss's aux metrics, prefixed; no optimizer metrics
+        assert set(r) == {"step", "eval_loss", "eval_mse", "eval_drop_text_frac"}, r
+        assert np.isfinite(r["eval_loss"])
+        assert r["eval_loss"] == res.eval_history[r["step"] // 2 - 1][1]["eval_loss"]
+    tb = _read_tb_scalars(os.path.join(wd, "tensorboard"))
+    assert tb[("eval_loss", 2)] == pytest.approx(recs[1]["eval_loss"])
+    assert ("eval_loss", 4) in tb and ("loss", 4) in tb
+
+    loss_fn = make_loss_fn("prior", cfg_eval, _host(res.frozen))
+    ema, base = _host(res.state.ema_params), np.asarray(res.state.rng)
+    want = np.mean([float(loss_fn(ema, eval_src.batch(i), eval_rng(base, i))[0])
+                    for i in range(2)])
+    np.testing.assert_allclose(res.eval_history[-1][1]["eval_loss"], want, rtol=1e-5)
+
+    plain = train("prior", cfg, str(tmp_path / "plain"), _src(), steps=4, progress=False,
+                  console=False)
+    _assert_bitwise(_host(res.state), _host(plain.state))
+    assert [r["step"] for r in _records(str(tmp_path / "plain"))] == [2, 4]
+
+
+def test_train_cli_eval_data_flag(tmp_path):
+    """`unclip train --eval-data SPEC` with train.STAGE.eval_every (a key the config file leaves
+    out) writes eval metrics; --eval-data with `all` is refused with what to do instead."""
+    wd = str(tmp_path / "cli")
+    assert train_main(["prior", "--config", MICRO, "--workdir", wd, "--steps", "2",
+                       "--data", "synthetic", "--eval-data", "synthetic", "--no-progress",
+                       "--config.train.prior.eval_every=1",
+                       "--config.train.prior.eval_batches=1"]) == 0
+    assert [r["step"] for r in _records(wd) if "eval_loss" in r] == [1, 2]
+    with pytest.raises(ConfigError, match="single STAGE"):
+        train_main(["all", "--config", MICRO, "--workdir", wd, "--eval-data", "synthetic"])
+
+
+# ------------------------------------------------------------------------------ accumulation
+
+
+def test_grad_accumulation_schedule_runs_over_updates(tmp_path):
+    """accum_steps 4, total_steps 8, no warmup: 8 loop steps apply 2 updates (one per 4
+    micro-batches), the cosine schedule runs over those 2 updates and has reached its end lr
+    after the last step; the lr metric changes only when an update is applied."""
+    import optax
+
+    from unclip_jax.train.optim import make_schedule
+
+    over = {"train.prior.accum_steps": "4", "train.prior.total_steps": "8",
+            "train.prior.warmup_steps": "0", "train.prior.save_every": "8"}
+    cfg = _cfg(**over)
+    tc = loop.train_config(cfg, "prior")
+    sched = make_schedule(tc.optimizer())
+    lrs = []
+    res = train("prior", cfg, str(tmp_path / "acc"), _src(), progress=False, console=False,
+                callbacks=[lambda step, m: lrs.append(m["lr"])])
+    assert res.step == 8 and len(lrs) == 8
+    opt_state = res.state.opt_state
+    assert isinstance(opt_state, optax.MultiStepsState)
+    assert int(opt_state.gradient_step) == 2 and int(opt_state.mini_step) == 0
+    assert int(opt_state.inner_opt_state.count) == 2  # the schedule's count: updates
+    assert float(sched(2)) == pytest.approx(tc.learning_rate * tc.optimizer().end_lr_ratio,
+                                            abs=1e-12)
+    np.testing.assert_allclose(lrs, [float(sched(0))] * 7 + [float(sched(1))], rtol=1e-6)
+    assert lrs[-1] == pytest.approx(0.5 * tc.learning_rate)  # cosine half way over 2 updates
+    with pytest.raises(ConfigError, match="multiple of accum_steps"):
+        loop.train_config(_cfg(**dict(over, **{"train.prior.total_steps": "10"})), "prior")
+
+
+# ------------------------------------------------------------------------------ all stages
+
+
+@pytest.mark.parametrize("stage", ["decoder", "inpaint", "sr"])
+def test_stage_trains_real_steps(stage, tmp_path):
+    """2 real steps of each UNet stage through train() (no warmup: both steps have lr > 0):
+    finite loss; params moved from the init (a steps=0 run), among them the zero-initialised
+    output conv, which only a gradient step (not weight decay) can move; checkpoint 2 written."""
+    from unclip_jax.checkpoint import Checkpointer
+
+    wd = str(tmp_path / stage)
+    cfg = _cfg(**{f"train.{stage}.warmup_steps": "0"})
+    init = train(stage, cfg, wd, _src(), steps=0, progress=False, console=False)
+    p0 = _host(init.state.params)
+    res = train(stage, cfg, wd, _src(), steps=2, progress=False, console=False)
+    assert res.step == 2 and np.isfinite(res.last_metrics["loss"])
+    assert res.last_metrics["grad_norm"] > 0 and res.last_metrics["skipped"] == 0
+    p2 = _host(res.state.params)
+    assert not np.any(p0["out_conv"]["kernel"]) and np.any(p2["out_conv"]["kernel"])
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p2))]
+    assert sum(changed) > len(changed) // 3, (sum(changed), len(changed))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(p2))
+    ck = Checkpointer(wd)
+    assert ck.latest_step() == 2
+    ck.close()
+
+
+# ------------------------------------------------------------------------------ logging, mesh
+
+
+def test_only_process_0_writes_metrics_and_console_logs(tmp_path, monkeypatch, capsys):
+    """With jax.process_index() = 1 as the trainer's process check sees it
+    (``parallel.mesh.is_main_process``; orbax keeps the real index, it would wait for a primary
+    host) the trainer writes no metrics.jsonl, no TensorBoard events and nothing on the console,
+    and still saves its checkpoint (every host takes part)."""
+    from unclip_jax.parallel import mesh as pmesh
+
+    class JaxOnProcess1:
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        @staticmethod
+        def process_index(*args, **kwargs):
+            return 1
+
+    monkeypatch.setattr(pmesh, "jax", JaxOnProcess1())
+    assert not pmesh.is_main_process()
+    wd = str(tmp_path / "p1")
+    cfg = _cfg(**{"train.prior.log_every": "1"})
+    res = train("prior", cfg, wd, _src(), steps=2, progress=True, console=True)
+    assert res.step == 2 and np.isfinite(res.last_metrics["loss"])
+    assert not os.path.exists(os.path.join(wd, loop.METRICS_FILE))
+    assert not os.path.exists(os.path.join(wd, "tensorboard"))
+    assert "2" in os.listdir(wd)  # the checkpoint
+    err = capsys.readouterr().err
+    assert "loss=" not in err and "train prior" not in err, err
+    monkeypatch.undo()  # process 0 does write
+    train("prior", cfg, str(tmp_path / "p0"), _src(), steps=1, progress=False, console=True)
+    assert "loss=" in capsys.readouterr().err
+    assert [r["step"] for r in _records(str(tmp_path / "p0"))] == [1]
+
+
+def test_stage_mesh_on_fewer_devices_warns(devices, caplog):
+    with caplog.at_level("WARNING", logger="unclip_jax.train.loop"):
+        mesh = loop.stage_mesh(dict(data=2, fsdp=1, tensor=1), devices, "decoder")
+    assert mesh.devices.size == 2
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "uses only 2 of the 8 devices" in msgs[0]
+    assert "--config.train.decoder.mesh.data=-1" in msgs[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unclip_jax.train.loop"):
+        assert loop.stage_mesh(dict(data=-1, fsdp=2, tensor=1), devices).devices.size == 8
+        assert loop.stage_mesh(dict(data=4, fsdp=2, tensor=1), devices).devices.size == 8
+    assert not caplog.records
+
+
+class FakeRemotePath:
+    """An ``epath.Path``-like object for a ``gs://`` URL whose files live in ``store`` (a dict):
+    what MetricsWriter must go through for a remote workdir (no local folder, no network)."""
+
+    def __init__(self, url, store):
+        self.url, self.store = url, store
+
+    def __str__(self):
+        return self.url
+
+    def __truediv__(self, name):
+        return FakeRemotePath(f"{self.url}/{name}", self.store)
+
+    def mkdir(self, parents=False, exist_ok=False):
+        self.store.setdefault(self.url + "/", "")
+
+    def exists(self):
+        return self.url in self.store
+
+    def read_text(self):
+        return self.store[self.url]
+
+    def write_text(self, text):
+        self.store[self.url] = text
+
+    def open(self, mode="r"):
+        raise AssertionError("a remote object cannot be opened for appending")
+
+
+def test_metrics_writer_remote_workdir(tmp_path, monkeypatch):
+    """A gs:// workdir is a URL path (etils.epath), not a local 'gs:' folder; records go
+    through the path object, after what an earlier run left there (a resume)."""
+    monkeypatch.chdir(tmp_path)
+    p = loop.as_path("gs://bucket/run")
+    assert loop.is_remote(p) and str(p / loop.METRICS_FILE) == "gs://bucket/run/metrics.jsonl"
+    assert not loop.is_remote(loop.as_path(str(tmp_path)))
+    store = {"gs://bucket/run/metrics.jsonl": '{"step": 1}\n'}
+    w = loop.MetricsWriter(FakeRemotePath("gs://bucket/run", store), console=False,
+                           tensorboard=False)
+    w.write({"step": 2, "loss": 0.5})
+    w.write({"step": 3, "loss": float("nan")})
+    w.close()
+    lines = [json.loads(x) for x in store["gs://bucket/run/metrics.jsonl"].splitlines()]
+    assert lines == [{"step": 1}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": "nan"}]
+    assert os.listdir(tmp_path) == []  # nothing written locally (no ./gs:/bucket/...)
+
+
+def test_ema_warmup_defaults_agree():
+    """TrainConfig.ema_warmup defaults to EmaConfig.warmup; the shipped configs set it in every
+    train section, so the default does not change what they train."""
+    import glob
+
+    from unclip_jax.config import load_config_file
+    from unclip_jax.train.ema import EmaConfig
+
+    assert loop.TrainConfig(stage="prior").ema_warmup is EmaConfig().warmup
+    assert loop.TrainConfig(stage="prior").ema() == EmaConfig(decay=0.9999)
+    checked = 0
+    for path in glob.glob(os.path.join(HERE, "..", "experiments", "*.py")):
+        try:
+            c = load_config_file(path)
+        except ConfigError:  # a helper module without get_config()
+            continue
+        for stage in c.train:
+            assert "ema_warmup" in c.train[stage], (path, stage)
+            checked += 1
+    assert checked >= 20
+
+
+# ------------------------------------------------------------------------------ CLI errors
+
+
+def _write_checkpoint(wd, cfg_json=None):
+    import jax.numpy as jnp
+
+    from unclip_jax.checkpoint import Checkpointer
+    from unclip_jax.train import TrainState, make_optimizer
+
+    opt = make_optimizer(dict(name="sgd", learning_rate=0.1, schedule="constant"))
+    state = TrainState.create({"w": jnp.ones((2, 3))}, opt, jax.random.PRNGKey(0))
+    with Checkpointer(wd, async_save=False, config=cfg_json) as ck:
+        ck.save(3, {"train": state})
+
+
+def _one_line_error(capsys, argv, code=2):
+    from unclip_jax import cli
+
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [x for x in err.strip().splitlines() if "WARNING" not in x]
+    assert rc == code, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_unclip_train_checkpoint_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """`unclip train` on a workdir whose checkpoint has another format version, or cannot be
+    restored (another model's state), prints one line saying what to do, exit code 2."""
+    from unclip_jax.checkpoint import manager as ckpt_manager
+
+    args = ["train", "prior", "--config", MICRO, "--steps", "4", "--no-progress"]
+    newer = str(tmp_path / "newer")
+    monkeypatch.setattr(ckpt_manager, "FORMAT_VERSION", ckpt_manager.FORMAT_VERSION + 1)
+    _write_checkpoint(newer, loop.stage_config_json(_cfg(), "prior"))
+    monkeypatch.undo()
+    line = _one_line_error(capsys, args + ["--workdir", newer])
+    assert "has format version" in line and "new --workdir" in line
+
+    other = str(tmp_path / "other")
+    _write_checkpoint(other, loop.stage_config_json(_cfg(), "prior"))
+    line = _one_line_error(capsys, args + ["--workdir", other])
+    assert "failed to restore checkpoint" in line and "move that step folder" in line
+
+
+def test_unclip_train_nonfinite_abort_exits_3(tmp_path, monkeypatch, capsys):
+    """max_nonfinite (3 in the micro config) non-finite losses in a row: `unclip train` prints
+    the error on one line and exits 3 (not 2: the input was fine, the run diverged)."""
+    monkeypatch.setattr(loop, "open_data", lambda *a, **k: _src(nan_batches=[0, 1, 2]))
+    from unclip_jax import cli
+
+    rc = cli.main(["train", "prior", "--config", MICRO, "--workdir", str(tmp_path / "nan"),
+                   "--steps", "5", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "Traceback" not in err, err
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "3 non-finite losses in a row" in errors[0], err
+    assert "no checkpoint yet" in errors[0] and err.count("event=nonfinite_skipped") == 3
+
+
+def test_model_dir_of_an_unsupported_format_version_says_upgrade(tmp_path, capsys):
+    from unclip_jax.pipelines import model as model_lib
+
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / model_lib.META_FILE).write_text(json.dumps(
+        {"format": model_lib.FORMAT, "format_version": model_lib.FORMAT_VERSION + 1}))
+    want = (f"has model format version {model_lib.FORMAT_VERSION + 1}; this unclip_jax reads "
+            f"versions {list(model_lib.SUPPORTED_VERSIONS)}. Upgrade unclip_jax (the dir is "
+            "newer)")
+    with pytest.raises(model_lib.ModelDirError, match=re.escape(want)):
+        model_lib.read_meta(str(newer))
+    line = _one_line_error(capsys, ["sample", "a cat", "--model", str(newer), "--no-progress"])
+    assert want in line
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / model_lib.META_FILE).write_text(json.dumps({"format": model_lib.FORMAT,
+                                                       "format_version": 0}))
+    with pytest.raises(model_lib.ModelDirError, match="version 0; .*Upgrade") as info:
+        model_lib.read_meta(str(old))
+    assert "newer" not in str(info.value)

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from unclip_jax import config as cfg_lib
+from unclip_jax.data import augment
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.train import losses
 from unclip_jax.train.cli import load_config
-from unclip_jax.train.loop import SyntheticSource
+from unclip_jax.train.loop import SyntheticSource, train_config
 
 MICRO = os.path.join(os.path.dirname(__file__), "fixtures", "micro.py")
 B = 16
@@ -111,9 +112,167 @@ def test_sr_conditioning_is_cropped_downsampled_and_blurred():
     np.testing.assert_allclose(np.mean(np.asarray(lo)), np.mean(np.asarray(plain)), atol=0.02)
     # sigma -> 0 is the identity; larger sigma blurs more
     x = images[:2, :8, :8]
-    np.testing.assert_allclose(losses.gaussian_blur(x, jnp.zeros(2), 3), x, atol=1e-6)
-    assert hf(losses.gaussian_blur(x, jnp.full(2, 2.0), 5)) < hf(
-        losses.gaussian_blur(x, jnp.full(2, 0.5), 5))
+    np.testing.assert_allclose(augment.gaussian_blur(x, jnp.zeros(2), kernel_size=3), x,
+                               atol=1e-6)
+    assert hf(augment.gaussian_blur(x, jnp.full(2, 2.0), kernel_size=5)) < hf(
+        augment.gaussian_blur(x, jnp.full(2, 0.5), kernel_size=5))
+
+
+def _previous_sr_conditioning(rng, images, s):
+    """The upsampler conditioning as train/losses.py computed it before it called
+    data/augment.py (verbatim copy of its own blur and crop): the regression reference."""
+    def kernels(sigma, size):
+        r = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0
+        w = jnp.exp(-0.5 * (r[None] / jnp.maximum(sigma[:, None], 1e-3)) ** 2)
+        return w / jnp.sum(w, axis=-1, keepdims=True)
+
+    def blur(x, sigma, size):
+        k = kernels(sigma, size)
+        p = size // 2
+        h, w = x.shape[1], x.shape[2]
+        xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0)), mode="reflect")
+        x = sum(k[:, i, None, None, None] * xp[:, i:i + h] for i in range(size))
+        xp = jnp.pad(x, ((0, 0), (0, 0), (p, p), (0, 0)), mode="reflect")
+        return sum(k[:, i, None, None, None] * xp[:, :, i:i + w] for i in range(size))
+
+    def crops(rng, x, crop, align):
+        b, h, w, c = x.shape
+        ky, kx = jax.random.split(rng)
+        oy = jax.random.randint(ky, (b,), 0, (h - crop) // align + 1) * align
+        ox = jax.random.randint(kx, (b,), 0, (w - crop) // align + 1) * align
+        return jax.vmap(lambda im, y, xx: jax.lax.dynamic_slice(im, (y, xx, 0),
+                                                                (crop, crop, c)))(x, oy, ox)
+
+    k_crop, k_sig = jax.random.split(rng)
+    hi = crops(k_crop, losses.resize_images(images, s["high"]), s["crop"], s["factor"])
+    lo = losses.resize_images(hi, s["crop"] // s["factor"])
+    smin, smax = s["blur_sigma"]
+    sigma = jax.random.uniform(k_sig, (hi.shape[0],), minval=smin, maxval=smax)
+    return hi, blur(lo, sigma, s["blur_kernel"]), sigma
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_sr_blur_conditioning_is_augments_and_unchanged(kernel):
+    """The default ('blur') conditioning is made by data/augment.py's crop and blur, and gives
+    exactly what the previous in-losses implementation gave (shipped configs: same training)."""
+    s = dict(losses.sr_settings(_config()), blur_kernel=kernel)
+    assert s["corruption"] == "blur" and s["resized_crop"] is None
+    images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (8, 16, 16, 3)), jnp.float32)
+    key = jax.random.PRNGKey(7)
+    hi, lo, sigma = jax.jit(lambda k, x: losses.sr_conditioning(k, x, s))(key, images)
+    k_crop, k_sig = jax.random.split(key)
+    want_hi = augment.random_crop(k_crop, images, 8, align=2)
+    want_lo, want_sigma = augment.blur_corrupt(k_sig, losses.resize_images(want_hi, 4),
+                                               (0.4, 0.6), kernel_size=kernel, return_sigma=True)
+    for got, want in ((hi, want_hi), (lo, want_lo), (sigma, want_sigma)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    old = jax.jit(lambda k, x: _previous_sr_conditioning(k, x, s))(key, images)
+    for got, want in zip((hi, lo, sigma), old):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def _with(config, stage, **kw):
+    c = config.copy_and_resolve_references()
+    with c.train[stage].unlocked():
+        for k, v in kw.items():
+            c.train[stage][k] = v
+    return c
+
+
+def test_sr_bsr_corruption_is_made_on_the_host():
+    c = _with(_config(), "sr", corruption=("bsr",))
+    assert list(train_config(c, "sr").extra["corruption"]) == ["bsr"]  # a known key
+    s = losses.sr_settings(c)
+    assert s["corruption"] == "bsr"
+    from unclip_jax.parallel.plan import train_batch_shapes  # `unclip plan` feeds low_res too
+
+    assert train_batch_shapes(c, "sr", 4)["low_res"].shape == (4, 8, 8, 3)
+    st = losses.build_stage("sr", c)
+    host = SyntheticSource(B, 16, seed=3).batch(0)
+    batch = st.prepare(host)
+    assert batch["image"].shape == (B, 16, 16, 3)
+    assert batch["low_res"].shape == (B, 8, 8, 3) and batch["low_res"].dtype == np.float32
+    # augment's BSR-lite, from a host rng that is a function of the batch (resume-exact)
+    want = augment.bsr_degrade_batch(losses._content_rng(0, host["image"]), host["image"], 8)
+    np.testing.assert_array_equal(batch["low_res"], want)
+    np.testing.assert_array_equal(st.prepare(host)["low_res"], batch["low_res"])
+    assert not np.array_equal(st.prepare(SyntheticSource(B, 16, seed=4).batch(0))["low_res"],
+                              batch["low_res"])
+    plain = np.asarray(losses.resize_images(jnp.asarray(host["image"]), 8))
+    assert np.mean(np.abs(batch["low_res"] - plain)) > 0.02  # degraded, not just downsampled
+    # in-graph: aligned crops of the image and of its degraded low-res version
+    hi, lo, sigma = jax.jit(lambda k, x, l: losses.sr_conditioning(k, x, s, l))(
+        jax.random.PRNGKey(0), batch["image"], batch["low_res"])
+    assert hi.shape == (B, 8, 8, 3) and lo.shape == (B, 4, 4, 3) and sigma is None
+    for i in range(B):
+        y, x = [(y, x) for y in range(0, 9, 2) for x in range(0, 9, 2)
+                if np.array_equal(hi[i], batch["image"][i, y:y + 8, x:x + 8])][0]
+        np.testing.assert_array_equal(lo[i], batch["low_res"][i, y // 2:y // 2 + 4,
+                                                              x // 2:x // 2 + 4])
+    # the loss trains on it: other conditioning than blur, same params and rng
+    _, params, blur_batch, blur_fn = _setup("sr")
+    fn = jax.jit(st.make_loss(st.frozen))
+    loss, aux = fn(params, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(2))
+    blur_loss, blur_aux = blur_fn(params, blur_batch, jax.random.PRNGKey(2))[0]
+    assert np.isfinite(float(loss)) and "blur_sigma" not in aux and "blur_sigma" in blur_aux
+    assert abs(float(loss) - float(blur_loss)) > 1e-6
+    with pytest.raises(losses.MissingBatchKeyError, match="low_res"):
+        losses.make_loss_fn("sr", c)(params, {"image": batch["image"]}, jax.random.PRNGKey(0))
+    # one name per upsampler index, checked
+    with pytest.raises(cfg_lib.ConfigError, match="one per upsampler"):
+        losses.sr_settings(_with(_config(), "sr", corruption=("blur", "bsr")))
+    with pytest.raises(cfg_lib.ConfigError, match="choose one of"):
+        losses.sr_settings(_with(_config(), "sr", corruption="jpeg"))
+    with pytest.raises(cfg_lib.ConfigError, match="train.sr.bsr"):
+        losses.sr_settings(_with(c, "sr", bsr=dict(noise=1)))
+
+
+def test_paper_config_degrades_the_second_upsamplers_input_with_bsr():
+    paper = load_config(os.path.join(os.path.dirname(MICRO), "..", "..", "experiments",
+                                     "paper.py"), {})
+    assert [losses.sr_settings(paper, i)["corruption"] for i in (0, 1)] == ["blur", "bsr"]
+    for name in ("emoji", "emoji16", "tiny", "karlo"):  # shipped configs: blur, no crop
+        c = load_config(os.path.join(os.path.dirname(MICRO), "..", "..", "experiments",
+                                     f"{name}.py"), {})
+        assert {losses.sr_settings(c, i)["corruption"]
+                for i in range(len(cfg_lib.sr_configs(c)))} == {"blur"}
+        assert all(losses.resized_crop_settings(c, st) is None
+                   for st in losses.RESIZED_CROP_STAGES)
+
+
+def test_resized_crop_of_training_images(monkeypatch):
+    """train.<stage>.resized_crop_scale turns on augment.random_resized_crop (off by default)."""
+    calls = []
+    real = augment.random_resized_crop
+
+    def spy(rng, images, out_size=None, **kw):
+        calls.append((images.shape, out_size, kw))
+        return real(rng, images, out_size, **kw)
+
+    monkeypatch.setattr(augment, "random_resized_crop", spy)
+    st, params, batch, default_fn = _setup("decoder")
+    c = _with(_config(), "decoder", resized_crop_scale=(0.5, 0.9))
+    assert "resized_crop_scale" in train_config(c, "decoder").extra
+    fn = jax.jit(losses.make_loss_fn("decoder", c))
+    loss, _ = fn(params, batch, jax.random.PRNGKey(2))
+    assert calls == [((B, 16, 16, 3), 8, {"scale": (0.5, 0.9), "ratio": augment.CROP_RATIO})]
+    base, _ = default_fn(params, batch, jax.random.PRNGKey(2))[0]
+    assert np.isfinite(float(loss)) and abs(float(loss) - float(base)) > 1e-6
+    # the images it trains on are augment's crop at the model size
+    key = jax.random.PRNGKey(3)
+    crop = losses.resized_crop_settings(c, "decoder")
+    np.testing.assert_array_equal(losses.train_images(batch["image"], 8, crop, key),
+                                  real(key, batch["image"], 8, scale=(0.5, 0.9),
+                                       ratio=augment.CROP_RATIO))
+    calls.clear()
+    jax.jit(losses.make_loss_fn("decoder", _config()))(params, batch, jax.random.PRNGKey(2))
+    assert calls == []  # default: off
+    with pytest.raises(cfg_lib.ConfigError, match="resized_crop_scale"):
+        losses.resized_crop_settings(_with(_config(), "clip", resized_crop_scale=(0.5, 1.5)),
+                                     "clip")
+    with pytest.raises(cfg_lib.ConfigError, match="corruption='bsr'"):
+        losses.sr_settings(_with(_config(), "sr", corruption="bsr",
+                                 resized_crop_scale=(0.5, 1.0)))
 
 
 def test_random_box_masks():

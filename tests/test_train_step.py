@@ -1,4 +1,5 @@
-"""The generic train step: non-finite skipping, EMA, gradient accumulation, LR, bf16 compute."""
+"""The generic train step: non-finite skipping, EMA, gradient accumulation, LR, bf16 compute,
+global-norm clipping; and the eval step (EMA params, compute dtype, fixed rng, no donation)."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,10 +12,13 @@ from unclip_jax.train import (
     OptimizerConfig,
     TrainState,
     ema_update,
+    jit_eval_step,
+    make_eval_step,
     make_optimizer,
     make_schedule,
     make_train_step,
 )
+from unclip_jax.parallel import batch_shardings, make_mesh
 
 SGD = dict(name="sgd", learning_rate=0.1, schedule="constant", grad_clip_norm=None)
 
@@ -161,3 +165,106 @@ def test_optimizer_config_sources_and_errors():
         make_optimizer({"name": "lamb"})
     with pytest.raises(ValueError, match="total_steps"):
         make_schedule({"warmup_steps": 10, "total_steps": 10})
+
+
+def _mse_grads(params, batch):
+    """Closed form of ``linear_loss`` (scale 1) and its gradient: ``r = x w + b - y``,
+    ``L = mean(r^2)``, ``dL/dw = 2 x^T r / r.size``, ``dL/db = 2 sum_rows(r) / r.size``."""
+    w, b = np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
+    x, y = batch["x"].astype(np.float64), batch["y"].astype(np.float64)
+    r = x @ w + b - y
+    return float(np.mean(r ** 2)), {"w": 2 * x.T @ r / r.size, "b": 2 * r.sum(0) / r.size}
+
+
+def test_global_norm_clipping_scales_the_update():
+    """SGD with grad_clip_norm c below the gradient's norm: the update is -lr * g * c / |g|
+    (the clipped gradient's update), not -lr * g; the grad_norm metric is |g| before clipping."""
+    lr, clip = 0.1, 0.05
+    batch = _batch(0)
+    _, g = _mse_grads(_params(), batch)
+    norm = float(np.sqrt(sum(np.sum(v ** 2) for v in g.values())))
+    assert norm > 10 * clip  # the clip really bites
+    updated = {}
+    for c in (clip, None):
+        opt = make_optimizer(dict(SGD, learning_rate=lr, grad_clip_norm=c))
+        state = TrainState.create(_params(), opt, jax.random.PRNGKey(0), use_ema=False)
+        state, m = jax.jit(make_train_step(linear_loss, opt))(state, batch)
+        np.testing.assert_allclose(float(m["grad_norm"]), norm, rtol=1e-5)
+        updated[c] = state.params
+    scale = clip / norm
+    _close(updated[clip], {k: np.asarray(v) - lr * scale * g[k] for k, v in _params().items()},
+           rtol=1e-5, atol=1e-6)
+    _close(updated[None], {k: np.asarray(v) - lr * g[k] for k, v in _params().items()},
+           rtol=1e-5, atol=1e-6)
+    step = {k: np.asarray(updated[clip][k]) - np.asarray(_params()[k]) for k in g}
+    np.testing.assert_allclose(np.sqrt(sum(np.sum(v ** 2) for v in step.values())), lr * clip,
+                               rtol=1e-4)
+
+
+def test_ema_warmup_counts_updates_not_micro_batches():
+    """accum_steps 2 + EMA warmup: update n (0, 1, ...) uses decay min(d, (1+n)/(10+n)) with n
+    counting applied updates: 1/10 then 2/11 (micro-batch counting would give 3/12 second)."""
+    k = 2
+    opt = make_optimizer(dict(SGD, accum_steps=k))
+    state = TrainState.create(_params(), opt, jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(linear_loss, opt,
+                                   ema_decay=EmaConfig(decay=0.99, warmup=True)))
+    ema = jax.tree.map(np.asarray, _params())
+    for update, decay in enumerate((1 / 10, 2 / 11)):
+        for i in range(k):
+            state, _ = step(state, _batch(10 * update + i))
+        p = jax.tree.map(np.asarray, state.params)
+        assert not np.allclose(p["w"], ema["w"])
+        ema = jax.tree.map(lambda e, q: decay * e + (1 - decay) * q, ema, p)
+        _close(state.ema_params, ema, rtol=1e-6, atol=1e-7)
+
+
+def _one_device_state_shardings(state, devices):
+    mesh = make_mesh(1, 1, 1, devices=devices[:1])
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return mesh, jax.tree.map(lambda _: rep, state)
+
+
+def test_eval_step_is_the_loss_of_the_ema_params_and_changes_nothing(devices):
+    """jit_eval_step: loss = the closed-form MSE of the EMA params (params without EMA), aux
+    passed through, the train step's compute dtype, and the state neither donated nor changed."""
+    opt = make_optimizer(dict(name="adamw", learning_rate=1e-2, schedule="constant"))
+    state = TrainState.create(_params(), opt, jax.random.PRNGKey(0))
+    state = state.replace(ema_params=jax.tree.map(lambda p: p + 0.5, state.params))
+    mesh, sh = _one_device_state_shardings(state, devices)
+    state = jax.device_put(state, sh)
+    before = jax.device_get(state)
+    batch = _batch(3)
+    b_sh = batch_shardings(batch, mesh)  # 'scale' is a scalar
+    ev = jit_eval_step(make_eval_step(linear_loss), mesh, sh, batch_sharding=b_sh)
+    m = ev(state, batch)
+    want, _ = _mse_grads(before.ema_params, batch)
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+    assert float(m["w_is_bf16"]) == 0.0
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))  # not donated
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), before)
+    # no EMA (or use_ema=False): the params
+    m_raw = jit_eval_step(make_eval_step(linear_loss, use_ema=False), mesh, sh,
+                          batch_sharding=b_sh)(state, batch)
+    np.testing.assert_allclose(float(m_raw["loss"]), _mse_grads(before.params, batch)[0],
+                               rtol=1e-5)
+    # the train step's compute dtype
+    m16 = jax.jit(make_eval_step(linear_loss, compute_dtype=jnp.bfloat16))(state, batch, 0)
+    assert float(m16["w_is_bf16"]) == 1.0
+    np.testing.assert_allclose(float(m16["loss"]), want, rtol=3e-2)
+
+
+def test_eval_rng_is_fixed_per_batch_index():
+    """The eval rng depends on the base rng and the eval batch index, not on the train step."""
+    def noisy(params, batch, rng):
+        return jnp.sum(params["b"]) * 0.0 + jax.random.uniform(rng)
+
+    opt = make_optimizer(SGD)
+    state = TrainState.create(_params(), opt, jax.random.PRNGKey(0), use_ema=False)
+    ev = jax.jit(make_eval_step(noisy))
+    a = float(ev(state, _batch(0), 0)["loss"])
+    later = state.replace(step=state.step + 7)
+    assert float(ev(later, _batch(0), 0)["loss"]) == a
+    assert float(ev(state, _batch(0), 1)["loss"]) != a
+    other = state.replace(rng=jax.random.PRNGKey(1))
+    assert float(ev(other, _batch(0), 0)["loss"]) != a

@@ -11,9 +11,13 @@ returns normally, so the process exits 0 and the scheduler restarts it to resume
                 ckpt.wait()
                 break
 
-On several processes the guard installs no handler (``jax.distributed``'s preemption notifier
-owns SIGTERM there) and ``should_stop(step)`` asks
-``multihost_utils.reached_preemption_sync_point``, which gives every host the same answer at the same step, so all hosts save the same step.
+On several processes with JAX's preemption sync service running (``jax.distributed`` with
+``jax_enable_preemption_service``, the default) the guard installs no handler (the service's
+notifier owns SIGTERM there) and ``should_stop(step)`` asks
+``multihost_utils.reached_preemption_sync_point``, which gives every host the same answer at the
+same step, so all hosts save the same step. When the service is not running the guard falls back
+to its own SIGTERM handler on every host, and ``should_stop`` all-gathers the hosts' flags (a
+tiny blocking collective per call) so that all hosts still stop at the same step.
 """
 from __future__ import annotations
 
@@ -23,20 +27,45 @@ import threading
 from typing import Optional, Sequence
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+def preemption_service_running() -> bool:
+    """Whether JAX's preemption sync manager is up (``jax.distributed.initialize`` with
+    ``jax_enable_preemption_service``); False when it is not or this jax hides it."""
+    try:
+        from jax._src import distributed
+
+        state = distributed.global_state
+        return state.client is not None and state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+        return False
+
+
+def any_process_requested(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (all processes must call it at the
+    same point; one all-gather of an int32)."""
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))
+    return bool(np.any(np.asarray(flags)))
 
 
 class PreemptionGuard:
     """Context manager installing a handler for ``signals`` (default SIGTERM) that sets
     ``self.requested``. The previous handlers come back on exit. Signal handlers can only be
-    installed from the main thread; elsewhere the guard is inert (never requests a stop)."""
+    installed from the main thread; elsewhere the guard is inert (never requests a stop).
+    ``use_sync_service``: whether this multi-process run relies on JAX's preemption sync point
+    (set by ``install``)."""
 
     def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
         self.signals = tuple(signals)
         self.requested = False
         self.signal_received: Optional[int] = None
         self._previous: dict[int, object] = {}
+        self.use_sync_service = False
 
     def _handler(self, signum, frame):  # noqa: ARG002 - signal API
         self.requested = True
@@ -44,12 +73,19 @@ class PreemptionGuard:
         log.warning("received signal %d: will save a checkpoint and stop after this step", signum)
 
     def install(self) -> "PreemptionGuard":
-        if jax.process_count() > 1:
+        self.use_sync_service = jax.process_count() > 1 and preemption_service_running()
+        if self.use_sync_service:
             # jax.distributed's preemption notifier owns SIGTERM on multi-process runs; replacing
             # its handler would leave hosts disagreeing about when to stop.
             log.info("PreemptionGuard: %d processes, relying on JAX's preemption sync point",
                      jax.process_count())
             return self
+        if jax.process_count() > 1:
+            log.warning(
+                "PreemptionGuard: %d processes but JAX's preemption sync service is not running "
+                "(jax.distributed.initialize with jax_enable_preemption_service=True starts it); "
+                "falling back to a SIGTERM handler on each host, with the hosts' stop flags "
+                "all-gathered at every step", jax.process_count())
         if threading.current_thread() is not threading.main_thread():
             log.warning("PreemptionGuard: not on the main thread; signal handlers not installed")
             return self
@@ -73,16 +109,21 @@ class PreemptionGuard:
         """True once a stop was requested.
 
         Single process: once a signal arrived. Several processes with ``step`` given: once JAX's
-        preemption sync point is reached (the same answer on every host; call it at the same
-        steps on all hosts). If the preemption service is not running it stays False there.
+        preemption sync point is reached, or (sync service not running) once any host got a
+        signal; the same answer on every host either way (call it at the same steps on all
+        hosts).
         """
         if step is not None and jax.process_count() > 1:
-            try:
-                from jax.experimental import multihost_utils
+            if self.use_sync_service:
+                try:
+                    from jax.experimental import multihost_utils
 
-                if multihost_utils.reached_preemption_sync_point(int(step)):
-                    self.requested = True
-                return self.requested
-            except Exception as e:  # noqa: BLE001 - preemption service not running
-                log.debug("preemption sync point unavailable: %s", e)
+                    if multihost_utils.reached_preemption_sync_point(int(step)):
+                        self.requested = True
+                    return self.requested
+                except Exception as e:  # noqa: BLE001 - the service went away: use the flags
+                    log.warning("preemption sync point unavailable (%s); using the SIGTERM "
+                                "flags of the hosts", e)
+            if any_process_requested(self.requested):
+                self.requested = True
         return self.requested

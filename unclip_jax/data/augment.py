@@ -6,15 +6,18 @@ JAX, jit-friendly (run inside train steps; images float [B, H, W, C] in [-1, 1])
   ``ratio``) and resize it back; horizontal flips only when asked (``flip_prob``; off by default
   because flipped text and arrows are wrong).
 * :func:`gaussian_blur` / :func:`blur_corrupt` - separable Gaussian blur with a per-example sigma;
-  the first upsampler's conditioning corruption (sigma range from the config).
-* :func:`paired_random_crop` - aligned random crops of a low-res / high-res pair (upsamplers train
-  on quarter-size crops).
+  the upsamplers' default conditioning corruption (``train.sr.corruption='blur'``; sigma range
+  and kernel size from the config).
+* :func:`random_crop` - one random window per example, offsets on a grid (the upsampler's
+  training crop, taken before its low-res conditioning is made from it).
+* :func:`paired_random_crop` - aligned random crops of a low-res / high-res pair (the upsampler's
+  training crop when the low-res conditioning was made on the host, ``corruption='bsr'``).
 
 numpy, host side (run in the input pipeline; ``rng`` is a ``np.random.Generator``):
 
 * :func:`bsr_degrade` / :func:`bsr_degrade_batch` - BSR-lite degradation for the second
-  upsampler: random blur, downsampling with a random interpolation, Gaussian noise, JPEG at a
-  random quality (PIL).
+  upsampler (``train.sr.corruption='bsr'``, run by the sr stage's ``prepare``): random blur,
+  downsampling with a random interpolation, Gaussian noise, JPEG at a random quality (PIL).
 * :func:`random_inpaint_masks` - keep-masks for inpainting training: boxes, brush strokes and
   outpainting-style borders; float32 [B, H, W, 1], 1 = keep, 0 = fill in.
 """
@@ -28,6 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+# default random-resized-crop ranges: area fraction kept (milder than torchvision's 0.08), aspect
+# ratio w / h (torchvision's)
+CROP_SCALE = (0.8, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
 
 # ----------------------------------------------------------------------------- JAX: crops
 
@@ -48,8 +56,8 @@ def _crop_boxes(rng, batch: int, height: int, width: int, scale, ratio):
 
 
 def random_resized_crop(rng: jax.Array, images: jax.Array, out_size: int | None = None,
-                        scale: Sequence[float] = (0.8, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3), flip_prob: float = 0.0,
+                        scale: Sequence[float] = CROP_SCALE,
+                        ratio: Sequence[float] = CROP_RATIO, flip_prob: float = 0.0,
                         method: str = "linear") -> jax.Array:
     """Random resized crop of ``[B, H, W, C]`` to ``[B, S, S, C]`` (``S = out_size`` or H).
 
@@ -71,6 +79,20 @@ def random_resized_crop(rng: jax.Array, images: jax.Array, out_size: int | None 
         flip = jax.random.bernoulli(k_flip, flip_prob, (b,))
         out = jnp.where(flip[:, None, None, None], out[:, :, ::-1], out)
     return out
+
+
+def random_crop(rng: jax.Array, images: jax.Array, crop: int, align: int = 1) -> jax.Array:
+    """A random ``crop x crop`` window per example of ``[B, H, W, C]`` -> ``[B, crop, crop, C]``,
+    offsets multiples of ``align`` (so a downsampled crop lines up with the low-res pixel grid).
+    ``crop`` >= H and W returns the images as they are."""
+    b, h, w, c = images.shape
+    if crop >= h and crop >= w:
+        return images
+    ky, kx = jax.random.split(rng)
+    oy = jax.random.randint(ky, (b,), 0, (h - crop) // align + 1) * align
+    ox = jax.random.randint(kx, (b,), 0, (w - crop) // align + 1) * align
+    one = lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (crop, crop, c))  # noqa: E731
+    return jax.vmap(one)(images, oy, ox)
 
 
 def paired_random_crop(rng: jax.Array, low: jax.Array, high: jax.Array,
@@ -123,15 +145,22 @@ def _blur_axis(x: jax.Array, taps: jax.Array, axis: int, radius: int) -> jax.Arr
     return out
 
 
-def gaussian_blur(images: jax.Array, sigma, max_sigma: float | None = None) -> jax.Array:
+def gaussian_blur(images: jax.Array, sigma, max_sigma: float | None = None,
+                  kernel_size: int | None = None) -> jax.Array:
     """Separable Gaussian blur of ``[B, H, W, C]`` with per-example ``sigma`` (scalar or [B]).
 
-    The kernel radius is ``ceil(3 * max_sigma)`` (static; default: ``sigma`` if it is a Python
-    number, else 3); reflect padding, so the image size is kept."""
+    The kernel has ``kernel_size`` taps (odd) when given, else radius ``ceil(3 * max_sigma)``
+    (static; ``max_sigma`` default: ``sigma`` if it is a Python number, else 3); reflect padding,
+    so the image size is kept. ``sigma`` near 0 leaves the image as it is (to float precision)."""
     b = images.shape[0]
-    if max_sigma is None:
-        max_sigma = float(sigma) if isinstance(sigma, (int, float)) else 3.0
-    radius = max(1, int(math.ceil(3.0 * max_sigma)))
+    if kernel_size is not None:
+        if kernel_size < 1 or kernel_size % 2 != 1:
+            raise ValueError(f"blur kernel_size must be a positive odd number, got {kernel_size}")
+        radius = kernel_size // 2
+    else:
+        if max_sigma is None:
+            max_sigma = float(sigma) if isinstance(sigma, (int, float)) else 3.0
+        radius = max(1, int(math.ceil(3.0 * max_sigma)))
     taps = gaussian_kernel1d(jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,)), radius)
     x = images.astype(jnp.float32)
     x = _blur_axis(x, taps, 1, radius)
@@ -140,12 +169,16 @@ def gaussian_blur(images: jax.Array, sigma, max_sigma: float | None = None) -> j
 
 
 def blur_corrupt(rng: jax.Array, images: jax.Array,
-                 sigma_range: Sequence[float] = (0.4, 0.6)) -> jax.Array:
-    """Gaussian-blur corruption of upsampler conditioning images: one sigma per example drawn
-    uniformly from ``sigma_range`` (from the config)."""
+                 sigma_range: Sequence[float] = (0.4, 0.6), kernel_size: int | None = None,
+                 return_sigma: bool = False):
+    """Gaussian-blur corruption of upsampler conditioning images ``[B, h, w, C]``: one sigma per
+    example drawn uniformly from ``sigma_range`` (from the config), ``kernel_size`` taps (default
+    from the largest sigma). A range up to 0 leaves the images as they are. Returns the images,
+    or ``(images, sigma [B])`` with ``return_sigma``."""
     lo, hi = float(sigma_range[0]), float(sigma_range[1])
     sigma = jax.random.uniform(rng, (images.shape[0],), minval=lo, maxval=hi)
-    return gaussian_blur(images, sigma, max_sigma=hi)
+    out = gaussian_blur(images, sigma, max_sigma=hi, kernel_size=kernel_size) if hi > 0 else images
+    return (out, sigma) if return_sigma else out
 
 
 # ----------------------------------------------------------------------------- numpy: BSR-lite

@@ -18,13 +18,19 @@ File paths are relative to the folder. Each example::
     id        the image's path relative to the folder
 
 Bad data never stops the build: an unreadable or corrupt image, an image without any non-empty
-caption, or an array of the wrong shape is skipped, logged, and counted; the counts are logged
-at the end and kept in the dataset metadata (``info.metadata["skipped"]``).
+caption, an array of the wrong shape, a caption for a missing image, or a malformed CSV / JSONL
+row (``malformed_row``) is skipped, logged, and counted; the counts are logged at the end and
+kept in the dataset metadata (``info.metadata["skipped"]``).
 
     builder = ImageCaptionFolder(folder="my_images", data_dir="data",
                                  config=ImageCaptionConfig(name="128", image_size=128))
     builder.download_and_prepare()
     source = tfds.data_source("image_caption_folder/128", data_dir="data", split="train")
+
+or from the command line, which prints the ``--data`` spec that ``unclip train`` / ``unclip
+embed`` take (``unclip_jax.data.build_folder``)::
+
+    python -m unclip_jax.data.build_folder my_images --data-dir data --image-size 128
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ import io
 import json
 import logging
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -140,9 +146,19 @@ def _file_of(row: dict) -> str | None:
     return None
 
 
-def read_captions(folder: str, captions_file: str | None = None) -> dict[str, list[str]]:
+MALFORMED_ROW = "malformed_row"  # skip reason of a CSV / JSONL row without a file or caption
+
+
+def read_captions(folder: str, captions_file: str | None = None,
+                  skipped: Optional[collections.Counter] = None) -> dict[str, list[str]]:
     """``{relative image path: [captions]}`` from a CSV / JSONL file or sidecar .txt files.
-    Malformed rows are logged and left out."""
+    Malformed rows are logged, left out and counted in ``skipped[MALFORMED_ROW]`` (when a
+    counter is given)."""
+    def malformed(where: str, why: str) -> None:
+        log.warning("%s: %s, skipped (%s)", where, why, MALFORMED_ROW)
+        if skipped is not None:
+            skipped[MALFORMED_ROW] += 1
+
     path = None
     if captions_file:
         path = captions_file if os.path.isabs(captions_file) else os.path.join(folder,
@@ -165,7 +181,7 @@ def read_captions(folder: str, captions_file: str | None = None) -> dict[str, li
             for i, row in enumerate(csv.DictReader(f)):
                 rel = _file_of(row)
                 if rel is None or row.get("caption") is None:
-                    log.warning("%s row %d: no file/caption column, skipped", path, i + 2)
+                    malformed(f"{path} row {i + 2}", "no file/caption column")
                     continue
                 caps[rel].append(row["caption"])
     else:
@@ -179,10 +195,10 @@ def read_captions(folder: str, captions_file: str | None = None) -> dict[str, li
                     got = row.get("captions", row.get("caption"))
                     got = [got] if isinstance(got, str) else list(got or [])
                 except (ValueError, TypeError, AttributeError) as e:
-                    log.warning("%s line %d: %s, skipped", path, i + 1, e)
+                    malformed(f"{path} line {i + 1}", str(e))
                     continue
                 if rel is None:
-                    log.warning("%s line %d: no image path, skipped", path, i + 1)
+                    malformed(f"{path} line {i + 1}", "no image path")
                     continue
                 caps[rel] += [str(c) for c in got]
     return dict(caps)
@@ -241,7 +257,7 @@ class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, folder: str) -> Iterator[tuple[str, dict]]:
         cfg = self.builder_config
-        captions = read_captions(folder, cfg.captions_file)
+        captions = read_captions(folder, cfg.captions_file, skipped=self.skipped)
         images = set(list_images(folder))
         for rel in sorted(set(captions) - images):
             self._skip("missing_image", rel)
@@ -263,3 +279,4 @@ class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
                     total, dict(self.skipped))
         self.info.metadata["skipped"] = dict(self.skipped)
         self.info.metadata["num_skipped"] = total
+

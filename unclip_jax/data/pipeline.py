@@ -13,7 +13,10 @@ default ``ShardByJaxProcess``) takes global positions ``p, p + P, p + 2P, ...`` 
 ``n // P`` of them, so all processes run the same number of steps. Batch ``k`` holds local
 positions ``[k B, (k + 1) B)`` (batches run across epoch ends when repeating). Captions are
 drawn with ``np.random.default_rng((seed, 0, k, p))``. The iterator state is therefore just the
-next batch number (plus the settings it must match), a JSON-able dict::
+next batch number (plus the settings it must match), a JSON-able dict. It does not name the
+process: all processes consume batches in lockstep (one per train step), so the next batch
+number is the same on every process, and a state saved by one process (Orbax writes the data
+state from the primary host only) resumes every process at its own next batch::
 
     reader = Reader(source, batch_size=32, seed=0)
     it = iter(reader); batch = next(it)
@@ -34,7 +37,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: no shard_index (process-independent); 1 (read too) recorded it
+READABLE_STATE_VERSIONS = (1, 2)
+# settings a state is valid for: resuming under other ones would not continue the same order
+STATE_SETTINGS = ("seed", "batch_size", "num_records", "shuffle", "shard_count")
 
 
 def _grain():
@@ -206,20 +212,26 @@ class Reader:
 
     # ------------------------------------------------------------------ checkpointing
     def get_state(self) -> dict:
-        """JSON-able state: the next batch number and the settings it is valid for."""
-        return {"version": STATE_VERSION, "next_batch": self._next, "seed": self.seed,
-                "batch_size": self.batch_size, "num_records": self.num_records,
-                "shuffle": self.shuffle, "shard_index": self.shard_index,
-                "shard_count": self.shard_count}
+        """JSON-able state: the next batch number and the settings it is valid for (the same on
+        every process; see the module docstring)."""
+        state = {"version": STATE_VERSION, "next_batch": self._next}
+        state.update({key: getattr(self, key) for key in STATE_SETTINGS})
+        return state
 
     def set_state(self, state: Mapping) -> None:
-        """Resume from :meth:`get_state`; raises if the settings differ."""
-        for key in ("version", "seed", "batch_size", "num_records", "shuffle", "shard_index",
-                    "shard_count"):
-            mine = STATE_VERSION if key == "version" else getattr(self, key)
-            if state.get(key) != mine:
+        """Resume from :meth:`get_state` of this or any other process of the same run (a
+        version-1 state's ``shard_index`` is ignored: the next batch number does not depend on
+        it); raises ``ValueError`` if the settings differ."""
+        version = state.get("version")
+        if version not in READABLE_STATE_VERSIONS:
+            raise ValueError(f"reader state has version={version!r}; this unclip_jax reads "
+                             f"versions {list(READABLE_STATE_VERSIONS)} (a newer unclip_jax "
+                             "wrote it? upgrade, or resume in a new workdir)")
+        for key in STATE_SETTINGS:
+            if state.get(key) != getattr(self, key):
                 raise ValueError(f"reader state has {key}={state.get(key)!r}, this reader "
-                                 f"{mine!r}")
+                                 f"{getattr(self, key)!r}: resume with the settings (and "
+                                 "process count) of the run that saved it")
         self._next = int(state["next_batch"])
         self._queue.clear()
 

@@ -377,7 +377,10 @@ def train_batch_shapes(config, stage: str, batch_size: int, sr_index: int = 0) -
         return out
     if stage == "sr":
         s = losses.sr_settings(config, sr_index)
-        return {"image": _sds((b, s["high"], s["high"], s["config"].in_channels), f32)}
+        out = {"image": _sds((b, s["high"], s["high"], s["config"].in_channels), f32)}
+        if s["corruption"] == "bsr":  # degraded on the host by the stage's prepare
+            out["low_res"] = _sds((b, s["low"], s["low"], s["config"].in_channels), f32)
+        return out
     raise ValueError(f"unknown stage {stage!r}; choose one of {PLAN_STAGES}")
 
 

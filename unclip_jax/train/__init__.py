@@ -7,7 +7,13 @@ from unclip_jax.train.optim import (  # noqa: F401
     make_schedule,
 )
 from unclip_jax.train.state import TrainState  # noqa: F401
-from unclip_jax.train.step import cast_floating, jit_train_step, make_train_step  # noqa: F401
+from unclip_jax.train.step import (  # noqa: F401
+    cast_floating,
+    jit_eval_step,
+    jit_train_step,
+    make_eval_step,
+    make_train_step,
+)
 from unclip_jax.train.losses import (  # noqa: F401,E402
     STAGES,
     build_stage,

@@ -1,9 +1,11 @@
 """``unclip train`` and ``unclip embed`` (wired into the ``unclip`` command by ``unclip_jax.cli``).
 
     unclip train STAGE --config experiments/X.py [--config.a.b=VALUE ...] --workdir DIR
-                 [--steps N] [--data SPEC]
+                 [--steps N] [--data SPEC] [--eval-data SPEC]
         STAGE: clip | prior | decoder | sr | inpaint | all. Resumes from DIR's latest checkpoint;
-        --steps is the step count to reach (default train.STAGE.total_steps). ``all`` trains
+        --steps is the step count to reach (default train.STAGE.total_steps). --eval-data (same
+        syntax as --data; a single STAGE only) is evaluated every train.STAGE.eval_every steps
+        on train.STAGE.eval_batches batches (eval_* metrics). ``all`` trains
         clip, embeds the data with it, then prior, decoder, sr (and inpaint when
         train.inpaint.init_from is 'decoder'), each in DIR/STAGE, and exports DIR/model.
     unclip embed (--model DIR | --config X.py --clip-workdir DIR) --data SPEC --out DIR
@@ -16,8 +18,9 @@
 
 Overrides take their type from the existing config value (``--config.train.prior.batch_size=16``,
 ``--config.train.sr.blur_sigma=(0.3,0.5)``, ``--config.dtype=bfloat16``); unknown keys raise
-``ConfigError`` (the ``unclip`` command maps it to exit code 2). Exit codes: 0 done or preempted
-(checkpoint saved), 3 too many non-finite losses in a row.
+``ConfigError`` (the ``unclip`` command maps it to exit code 2; so are checkpoints in the workdir
+that cannot be resumed). Exit codes: 0 done or preempted (checkpoint saved), 2 bad input,
+3 too many non-finite losses in a row.
 """
 from __future__ import annotations
 
@@ -30,6 +33,12 @@ from typing import Any, Optional, Sequence
 
 EXIT_NONFINITE = 3
 TRAIN_STAGES = ("clip", "prior", "decoder", "sr", "inpaint", "all")
+# --eval-data is opened with seed train.STAGE.seed + this, so that a synthetic eval stream (or a
+# shuffled eval set) is not the training stream's first batches
+EVAL_SEED_OFFSET = 1
+# train.STAGE keys a config file may leave out: their defaults (``TrainConfig``'s for the eval keys)
+OPTIONAL_TRAIN_KEYS = ("init_from", "init_partial", "eval_every", "eval_batches",
+                       "resized_crop_scale", "resized_crop_ratio", "corruption")
 
 
 def _parse_value(old: Any, text: str, key: str):
@@ -98,18 +107,30 @@ _MISSING = object()
 def _model_field_default(parts: Sequence[str]):
     """The default of ``decoder.FIELD`` when FIELD is a ``UNetConfig`` field (config files list
     only the fields they change, so ``--config.decoder.attention_impl=cudnn`` must still work),
-    and of ``train.STAGE.init_from`` (``""``: start from scratch) and ``train.STAGE.init_partial``
-    (``False``); ``_MISSING`` otherwise.
+    of ``train.STAGE.init_from`` (``""``: start from scratch), ``train.STAGE.init_partial``
+    (``False``), ``train.STAGE.eval_every`` / ``eval_batches`` (``TrainConfig``'s defaults),
+    ``train.STAGE.resized_crop_scale`` (``None``: off) / ``resized_crop_ratio`` and
+    ``train.sr.corruption`` (``"blur"``; the stages that take them);
+    ``_MISSING`` otherwise.
     Tuples become lists' parse targets; dtypes are not overridable here."""
     import dataclasses
 
     from unclip_jax.models.unet import UNetConfig
 
-    if len(parts) == 3 and parts[0] == "train" and parts[2] in ("init_from", "init_partial"):
-        from unclip_jax.train.loop import STAGE_KEYS  # every stage can start from weights
+    if len(parts) == 3 and parts[0] == "train" and parts[2] in OPTIONAL_TRAIN_KEYS:
+        from unclip_jax.train.loop import STAGE_KEYS, TrainConfig
 
-        default = "" if parts[2] == "init_from" else False
-        return default if parts[2] in STAGE_KEYS.get(parts[1], ()) else _MISSING
+        if parts[1] not in STAGE_KEYS:
+            return _MISSING
+        if parts[2] in ("eval_every", "eval_batches"):
+            return getattr(TrainConfig(stage=parts[1]), parts[2])
+        if parts[2] not in STAGE_KEYS[parts[1]]:
+            return _MISSING
+        from unclip_jax.data import augment
+
+        defaults = {"init_from": "", "init_partial": False, "resized_crop_scale": None,
+                    "resized_crop_ratio": tuple(augment.CROP_RATIO), "corruption": "blur"}
+        return defaults[parts[2]]
     if len(parts) != 2 or parts[0] != "decoder":
         return _MISSING
     fields = {f.name: f for f in dataclasses.fields(UNetConfig)}
@@ -159,12 +180,15 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic",
                    help="'synthetic[:SIZE]', an `unclip embed` output dir, or a dataset spec "
                         "for unclip_jax.data (default: synthetic)")
+    p.add_argument("--eval-data", default=None, metavar="SPEC",
+                   help="held-out data, same syntax as --data; evaluated every "
+                        "train.STAGE.eval_every steps (needed when that is > 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def _run_stage(stage: str, config, workdir: str, data_spec: str, steps: Optional[int],
-               progress: bool):
+               progress: bool, eval_spec: Optional[str] = None):
     import jax
 
     from unclip_jax.train.loop import open_data, train, train_config
@@ -172,12 +196,20 @@ def _run_stage(stage: str, config, workdir: str, data_spec: str, steps: Optional
     tc = train_config(config, stage)
     local = tc.batch_size // jax.process_count()
     data = open_data(data_spec, stage, config, local, seed=tc.seed)
-    return train(stage, config, workdir, data, steps=steps, progress=progress)
+    eval_data = None
+    if eval_spec:
+        eval_data = open_data(eval_spec, stage, config, local, seed=tc.seed + EVAL_SEED_OFFSET)
+    return train(stage, config, workdir, data, steps=steps, progress=progress,
+                 eval_data=eval_data)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """``unclip train``; returns the exit code (raises ConfigError for bad config / keys)."""
-    from unclip_jax.checkpoint import ConfigMismatchError
+    from unclip_jax.checkpoint import CheckpointError, CheckpointFormatError, ConfigMismatchError
     from unclip_jax.config import ConfigError
     from unclip_jax.parallel.mesh import maybe_initialize_distributed
     from unclip_jax.train.export import ExportError
@@ -191,9 +223,13 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
     enable_compilation_cache()
     progress = not args.no_progress
+    if args.eval_data and args.stage == "all":
+        raise ConfigError("--eval-data works with a single STAGE, not 'all': train the stages one "
+                          "by one to evaluate them (or set train.STAGE.eval_every=0)")
     try:
         if args.stage != "all":
-            res = _run_stage(args.stage, config, args.workdir, args.data, args.steps, progress)
+            res = _run_stage(args.stage, config, args.workdir, args.data, args.steps, progress,
+                             eval_spec=args.eval_data)
             _say(f"{args.stage}: step {res.step}" + (" (preempted; checkpoint saved, rerun the "
                                                      "same command to resume)"
                                                      if res.preempted else " done")
@@ -211,6 +247,15 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             f"or continue under new settings in a new workdir: --workdir NEW "
             f"--config.train.{stage}.init_from={args.workdir} (the weights carry over, the "
             f"optimizer and schedule start afresh).") from None
+    except CheckpointFormatError as e:
+        raise ConfigError(
+            f"{_one_line(e)}. Resume it with the unclip_jax version that wrote it, or train in a "
+            "new --workdir.") from None
+    except CheckpointError as e:
+        raise ConfigError(
+            f"{_one_line(e)}. The checkpoint is incomplete or holds another model: move that step "
+            f"folder out of {args.workdir} to resume from the one before, or train in a new "
+            "--workdir.") from None
     except ExportError as e:
         raise ConfigError(str(e)) from None
 
@@ -220,13 +265,16 @@ def _train_all(config, args, progress: bool) -> int:
     from unclip_jax.train.export import embed_dataset, export_model, load_clip_params
     from unclip_jax.train.loop import open_data, train_config
 
-    wd = os.path.abspath(args.workdir)
+    from unclip_jax.data.embeddings import is_embeddings_dir
+
+    # a remote workdir (gs://...) stays a URL; os.path.abspath would make it a local folder
+    wd = args.workdir if "://" in args.workdir else os.path.abspath(args.workdir)
     dirs = {s: os.path.join(wd, s) for s in ("clip", "prior", "decoder", "sr", "inpaint")}
     res = _run_stage("clip", config, dirs["clip"], args.data, args.steps, progress)
     if res.preempted:
         return 0
     emb_dir = os.path.join(wd, "embeddings")
-    if not os.path.isfile(os.path.join(emb_dir, "embeddings.json")):
+    if not is_embeddings_dir(emb_dir):
         ccfg, params, tok = load_clip_params(config, clip_workdir=dirs["clip"])
         tc = train_config(config, "decoder")
         src = open_data(args.data, "clip", config, tc.batch_size, seed=tc.seed, one_pass=True)

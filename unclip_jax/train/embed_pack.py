@@ -19,7 +19,6 @@ The CLIP must be the one that made the dir (``--model`` / the dir's ``clip`` met
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -35,24 +34,15 @@ STORED = ("caption", "input_ids", "text_mask")
 
 
 def _load_dir(emb_dir: str) -> tuple[dict, dict]:
-    from unclip_jax.train.loop import EMBED_META
+    from unclip_jax.data import embeddings
 
-    meta_path = os.path.join(emb_dir, EMBED_META)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{emb_dir} is not an embeddings dir (no {EMBED_META}); make "
-                                "one with `unclip embed`")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    parts: dict[str, list] = {}
-    for s in sorted(glob.glob(os.path.join(emb_dir, "shard-*.npz"))):
-        with np.load(s, allow_pickle=False) as z:
-            for k in z.files:
-                parts.setdefault(k, []).append(z[k])
+    meta = embeddings.read_meta(emb_dir)
+    parts = embeddings.read_arrays(emb_dir)
     missing = {"image", *STORED} - set(parts)
     if missing:
         raise ValueError(f"{emb_dir}: no {sorted(missing)} arrays; pack needs the images, "
                          "captions and token ids of an `unclip embed` dir")
-    return meta, {k: np.concatenate(v) for k, v in parts.items()}
+    return meta, parts
 
 
 def pack(emb_dir: str, out_file: str) -> dict:
@@ -129,7 +119,7 @@ def _unpacked_batches(clip_cfg, clip_params, arrays: dict, batch_size: int,
 def unpack(pack_file: str, clip_cfg, clip_params, out_dir: str, *, batch_size: int = 256,
            progress: bool = True, clip_name: Optional[str] = None) -> dict:
     """Re-encode a pack with ``(clip_cfg, clip_params)`` into the embeddings dir ``out_dir``."""
-    from unclip_jax.train.loop import write_embeddings
+    from unclip_jax.data.embeddings import write_embeddings
 
     meta, arrays = read_pack(pack_file)
     length = clip_cfg.text_config.max_position_embeddings
@@ -138,7 +128,8 @@ def unpack(pack_file: str, clip_cfg, clip_params, out_dir: str, *, batch_size: i
                          f"this CLIP takes {length}; unpack with the CLIP that made the pack "
                          f"({meta['source_meta'].get('clip')!r})")
     new_meta = {k: v for k, v in meta["source_meta"].items()
-                if k not in ("num_examples", "num_shards", "arrays", "format", "format_version")}
+                if k not in ("num_examples", "num_shards", "num_processes", "arrays", "format",
+                             "format_version")}
     new_meta.update(unpacked_from=os.path.basename(pack_file))
     if clip_name:
         new_meta["clip"] = clip_name

@@ -12,7 +12,8 @@ convolutional, so one trained 32 -> 64 also serves 16 -> 32 at a smaller decoder
 ``unclip inpaint``). ``storage_dtype='bfloat16'`` halves the size on disk (the shipped model).
 
 ``embed_batches`` / ``embed_dataset``: CLIP image embedding, text embedding, token states and
-mask of every example of a data source, once, for prior / decoder training.
+mask of every example of a data source, once, for prior / decoder training (on a pod, every
+process embeds its own shard of the data into the same folder).
 """
 from __future__ import annotations
 
@@ -299,8 +300,12 @@ def embed_dataset(clip_cfg, clip_params, batches: Iterable[dict], out_dir: str, 
                   max_examples: Optional[int] = None, store_image_size: Optional[int] = None,
                   tokenizer_dir: Optional[str] = None, progress: bool = True,
                   meta: Optional[dict] = None, shard_size: int = 4096) -> dict:
-    """``embed_batches`` written as an embeddings dir (``loop.EmbeddingDataset`` reads it)."""
-    from unclip_jax.train.loop import write_embeddings
+    """``embed_batches`` written as an embeddings dir (``loop.EmbeddingDataset`` reads it).
+
+    Every process calls it with its own ``batches`` (its shard of the data); each writes shards
+    named by its process index into ``out_dir`` (shared, e.g. ``gs://``), process 0 the meta
+    (``data.embeddings.write_embeddings``). ``max_examples`` counts this process's examples."""
+    from unclip_jax.data.embeddings import write_embeddings
 
     return write_embeddings(out_dir, embed_batches(
         clip_cfg, clip_params, batches, max_examples=max_examples,

@@ -7,15 +7,19 @@ Read top to bottom::
     state  = restore latest checkpoint in workdir     # params + opt + EMA + step + RNG + data
              or sharded_init(TrainState.create(...))  # (inpaint: from decoder params)
     step   = jit_train_step(make_train_step(loss))    # bf16 compute, non-finite skip, donation
+    evals  = jit_eval_step(make_eval_step(loss))      # same shardings, EMA params, no donation
     with PreemptionGuard():                           # SIGTERM -> save, return (exit 0)
         while state.step < steps:
             state, m = step(state, next(data))
             log every log_every (console, workdir/metrics.jsonl, TensorBoard if installed)
+            eval every eval_every on eval_batches batches of eval_data -> eval_* metrics
             save every save_every (keep_last)         # kill -9 loses < one interval
             non-finite loss: skipped + logged; max_nonfinite in a row -> NonFiniteLossError
 
 ``steps`` is the *total* number of steps to reach (default ``total_steps``), so re-running the
-same command after a preemption continues to the same end. Only process 0 writes logs.
+same command after a preemption continues to the same end. Only process 0 writes logs. Steps are
+micro-batches: under gradient accumulation (``accum_steps`` k) every k-th step applies an update
+(see ``TrainConfig``).
 
 Data: any ``DataSource`` (``__iter__`` -> host batches of numpy arrays / caption strings,
 ``get_state()`` -> JSON-able dict, ``set_state(dict)``) giving *per-process* batches of
@@ -26,22 +30,23 @@ fit. ``open_data(spec, ...)`` builds one from a command-line string.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from unclip_jax import config as cfg_lib
 from unclip_jax.checkpoint import Checkpointer, PreemptionGuard
+from unclip_jax.data import embeddings as embeddings_lib
 from unclip_jax.parallel.mesh import (
     global_batch_from_local,
     is_main_process,
@@ -52,9 +57,9 @@ from unclip_jax.parallel.mesh import (
 )
 from unclip_jax.train.ema import EmaConfig
 from unclip_jax.train.losses import DIFFUSION_SECTION, STAGES, build_stage
-from unclip_jax.train.optim import OptimizerConfig, make_optimizer
+from unclip_jax.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from unclip_jax.train.state import TrainState
-from unclip_jax.train.step import jit_train_step, make_train_step
+from unclip_jax.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +79,40 @@ COMMON_KEYS = {
     "batch_size", "learning_rate", "warmup_steps", "total_steps", "weight_decay",
     "grad_clip_norm", "accum_steps", "ema_decay", "ema_warmup", "save_every", "keep_last",
     "log_every", "max_nonfinite", "seed", "mesh", "schedule", "b1", "b2", "eps",
-    "end_lr_ratio", "init_lr_ratio",
+    "end_lr_ratio", "init_lr_ratio", "eval_every", "eval_batches",
 }
 STAGE_KEYS = {
-    "clip": {"init_from", "init_partial"},
+    "clip": {"init_from", "init_partial", "resized_crop_scale", "resized_crop_ratio"},
     "prior": {"init_from", "init_partial"},
-    "decoder": {"vlb_weight", "snr_gamma", "init_from", "init_partial"},
-    "sr": {"crop_size", "blur_sigma", "blur_kernel", "index", "init_from", "init_partial"},
+    "decoder": {"vlb_weight", "snr_gamma", "init_from", "init_partial", "resized_crop_scale",
+                "resized_crop_ratio"},
+    "sr": {"crop_size", "blur_sigma", "blur_kernel", "index", "init_from", "init_partial",
+           "corruption", "bsr", "resized_crop_scale", "resized_crop_ratio"},
     "inpaint": {"vlb_weight", "snr_gamma", "init_from", "mask_min_frac", "mask_max_frac",
-                "mask_p_keep_all"},
+                "mask_p_keep_all", "resized_crop_scale", "resized_crop_ratio"},
 }
 # Keys that may change between a run and its resume (not compared with the checkpoint's config).
 VOLATILE_KEYS = ("save_every", "keep_last", "log_every", "max_nonfinite", "mesh", "init_from",
-                 "init_partial")
+                 "init_partial", "eval_every", "eval_batches")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """``config.train.<stage>``; see ``experiments/tiny.py`` for the meaning of each key."""
+    """``config.train.<stage>``; see ``experiments/tiny.py`` for the meaning of each key.
+
+    Units. A *step* is one call of the train step on one batch of ``batch_size`` examples (a
+    micro-batch under gradient accumulation). ``total_steps`` (the default ``--steps``),
+    ``warmup_steps``, ``save_every``, ``log_every``, ``eval_every`` and the checkpoint numbers
+    count steps. With ``accum_steps`` k > 1 every k-th step applies one optimizer update on the
+    mean gradient of its k micro-batches (effective batch ``k * batch_size``); the LR schedule
+    runs over ``total_steps // k`` updates with ``warmup_steps // k`` warmup updates
+    (``total_steps`` must be a multiple of k), so the last step applies the schedule's last
+    update. The EMA (and its warmup count) moves once per applied update.
+
+    ``eval_every``: evaluate every that many steps (0: never) on the first ``eval_batches``
+    batches of the eval data (``train(eval_data=...)``, ``unclip train --eval-data``), with the
+    EMA params and a fixed rng; metrics are logged with an ``eval_`` prefix.
+    """
 
     stage: str
     batch_size: int = 8
@@ -102,20 +123,24 @@ class TrainConfig:
     grad_clip_norm: Optional[float] = 1.0
     accum_steps: int = 1
     ema_decay: float = 0.9999
-    ema_warmup: bool = True
+    ema_warmup: bool = False  # = EmaConfig.warmup; every shipped config sets it explicitly
     save_every: int = 500
     keep_last: Optional[int] = 3
     log_every: int = 50
     max_nonfinite: int = 10
     seed: int = 0
+    eval_every: int = 0
+    eval_batches: int = 4
     mesh: dict = dataclasses.field(default_factory=lambda: dict(data=-1, fsdp=1, tensor=1))
     optimizer_extra: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)
 
     def optimizer(self) -> OptimizerConfig:
+        """The optimizer config; its warmup / total counts are optimizer updates (steps // k)."""
+        k = max(1, int(self.accum_steps))
         return OptimizerConfig(
             name="adamw", learning_rate=self.learning_rate,
-            warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps // k, total_steps=self.total_steps // k,
             weight_decay=self.weight_decay, grad_clip_norm=self.grad_clip_norm,
             accum_steps=self.accum_steps, **self.optimizer_extra)
 
@@ -150,9 +175,23 @@ def train_config(config, stage: str) -> TrainConfig:
     if bad_mesh:
         raise cfg_lib.ConfigError(f"unknown key(s) {bad_mesh} in train.{stage}.mesh")
     tc = TrainConfig(stage=stage, mesh=mesh, optimizer_extra=opt_extra, extra=extra, **d)
-    for k in ("batch_size", "total_steps", "save_every", "log_every", "max_nonfinite"):
+    for k in ("batch_size", "total_steps", "save_every", "log_every", "max_nonfinite",
+              "accum_steps", "eval_batches"):
         if int(getattr(tc, k)) < 1:
             raise cfg_lib.ConfigError(f"train.{stage}.{k} must be >= 1, got {getattr(tc, k)}")
+    if int(tc.eval_every) < 0:
+        raise cfg_lib.ConfigError(f"train.{stage}.eval_every must be >= 0 (0: no eval), got "
+                                  f"{tc.eval_every}")
+    if tc.total_steps % tc.accum_steps:
+        raise cfg_lib.ConfigError(
+            f"train.{stage}.total_steps ({tc.total_steps}) must be a multiple of accum_steps "
+            f"({tc.accum_steps}): steps count micro-batches and the LR schedule runs over "
+            "total_steps // accum_steps updates")
+    try:
+        make_schedule(tc.optimizer())
+    except ValueError as e:
+        raise cfg_lib.ConfigError(f"train.{stage}: {e} (in optimizer updates: steps // "
+                                  f"accum_steps = steps // {tc.accum_steps})") from None
     return tc
 
 
@@ -185,12 +224,18 @@ def stage_config_json(config, stage: str) -> dict:
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
-def stage_mesh(mesh_cfg: dict, devices: Optional[Sequence] = None):
+def stage_mesh(mesh_cfg: dict, devices: Optional[Sequence] = None, stage: str = "STAGE"):
     """``make_mesh`` from ``train.<stage>.mesh``. Positive sizes whose product is below the
-    device count use the first ``data * fsdp * tensor`` devices (e.g. one device for tests)."""
+    device count use the first ``data * fsdp * tensor`` devices (e.g. one device for tests) and
+    log a warning naming the idle devices and the setting that uses them all."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(mesh_cfg.get(k, 1)) for k in ("data", "fsdp", "tensor")]
     if -1 not in sizes and 0 < math.prod(sizes) < len(devices):
+        log.warning(
+            "train.%s.mesh data*fsdp*tensor = %s = %d uses only %d of the %d devices (the "
+            "other %d stay idle); set --config.train.%s.mesh.data=-1 to use them all",
+            stage, "*".join(map(str, sizes)), math.prod(sizes), math.prod(sizes), len(devices),
+            len(devices) - math.prod(sizes), stage)
         devices = devices[:math.prod(sizes)]
     try:
         return make_mesh(*sizes, devices=devices)
@@ -271,37 +316,26 @@ class SyntheticSource:
         self.index = int(state["index"])
 
 
-EMBED_META = "embeddings.json"
+EMBED_META = embeddings_lib.EMBED_META
 
 
 class EmbeddingDataset:
-    """Reader of an ``unclip embed`` output dir (``embeddings.json`` + ``shard-*.npz``).
+    """Reader of an ``unclip embed`` output dir (``embeddings.json`` + ``shard-*.npz`` of every
+    process that wrote it; local or ``gs://``, see ``unclip_jax.data.embeddings``).
 
     Every array of the shards is loaded into memory (fine at emoji / tiny scale). Each epoch is a
     permutation drawn from ``(seed, epoch)``; this process takes every ``process_count``-th
-    example of it. Batches drop the remainder of an epoch. State: ``{epoch, index}``.
+    example of it, ``num_examples // process_count`` of them (the same count on every process,
+    so processes stay in lockstep and the state saved by process 0 resumes every process).
+    Batches drop the remainder of an epoch. State: ``{epoch, index}``.
     ``clip_stats()`` -> ``(mean [D], std [D])`` of the image embeddings (prior normalisation).
     """
 
     def __init__(self, path: str, batch_size: int, seed: int = 0, shuffle: bool = True,
                  keys: Optional[Sequence[str]] = None):
         self.path = path
-        meta_path = os.path.join(path, EMBED_META)
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path} is not an embeddings dir (no {EMBED_META}); make "
-                                    "one with `unclip embed`")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        shards = sorted(glob.glob(os.path.join(path, "shard-*.npz")))
-        if not shards:
-            raise FileNotFoundError(f"no shard-*.npz in {path}")
-        parts: dict[str, list] = {}
-        for s in shards:
-            with np.load(s, allow_pickle=False) as z:
-                for k in z.files:
-                    if keys is None or k in keys:
-                        parts.setdefault(k, []).append(z[k])
-        self.arrays = {k: np.concatenate(v) for k, v in parts.items()}
+        self.meta = embeddings_lib.read_meta(path)
+        self.arrays = embeddings_lib.read_arrays(path, keys)
         self.num_examples = len(next(iter(self.arrays.values())))
         self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), shuffle
         self.epoch, self.index = 0, 0
@@ -314,7 +348,7 @@ class EmbeddingDataset:
         n = self.num_examples
         order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
                  else np.arange(n))
-        return order[jax.process_index()::jax.process_count()]
+        return order[jax.process_index()::jax.process_count()][:n // jax.process_count()]
 
     def __iter__(self):
         order = self._order(self.epoch)
@@ -340,41 +374,7 @@ class EmbeddingDataset:
         return emb.mean(0).astype(np.float32), (emb.std(0) + 1e-6).astype(np.float32)
 
 
-def write_embeddings(out_dir: str, batches, meta: Optional[dict] = None,
-                     shard_size: int = 4096) -> dict:
-    """Write an iterable of dicts of equal-length numpy arrays as an embeddings dir (shards of
-    ``shard_size`` examples; string arrays are stored as unicode). Returns the meta dict."""
-    os.makedirs(out_dir, exist_ok=True)
-    if glob.glob(os.path.join(out_dir, "shard-*.npz")):
-        raise FileExistsError(f"{out_dir} already holds shards; choose a new output folder")
-    buf: dict[str, list] = {}
-    count, shard = 0, 0
-
-    def flush():
-        nonlocal shard
-        if not buf:
-            return
-        arrays = {k: np.concatenate(v) for k, v in buf.items()}
-        np.savez(os.path.join(out_dir, f"shard-{shard:05d}.npz"), **arrays)
-        shard += 1
-        buf.clear()
-
-    shapes = {}
-    for b in batches:
-        for k, v in b.items():
-            v = np.asarray(v)
-            buf.setdefault(k, []).append(v)
-            shapes[k] = [list(v.shape[1:]), str(v.dtype)]
-        count += len(next(iter(b.values())))
-        if sum(len(x) for x in next(iter(buf.values()))) >= shard_size:
-            flush()
-    flush()
-    meta = dict(meta or {})
-    meta.update(num_examples=count, num_shards=shard, arrays=shapes, format="unclip_jax.embeddings",
-                format_version=1)
-    with open(os.path.join(out_dir, EMBED_META), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    return meta
+write_embeddings = embeddings_lib.write_embeddings  # process-unique shard names, gs:// too
 
 
 def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0,
@@ -400,7 +400,7 @@ def open_data(spec: str, stage: str, config, batch_size: int, seed: int = 0,
             emb = (c.projection_dim, c.text_config.max_position_embeddings,
                    c.text_config.hidden_size)
         return SyntheticSource(batch_size, size, seed, embeddings=emb)
-    if os.path.isfile(os.path.join(spec, EMBED_META)):
+    if embeddings_lib.is_embeddings_dir(spec):
         return EmbeddingDataset(spec, batch_size, seed, shuffle=not one_pass)
     if spec.startswith("tfds:"):
         body, _, data_dir = spec[len("tfds:"):].partition("@")
@@ -449,28 +449,67 @@ def _default_image_size(config, stage: str) -> int:
 # ------------------------------------------------------------------------------ metrics
 
 
+PathLike = Union[str, os.PathLike, epath.Path]
+
+
+def is_remote(path: Any) -> bool:
+    """True for a URL-style path (``gs://``, ``s3://``, ...): written through ``etils.epath``,
+    never as a local folder named ``gs:``."""
+    return "://" in str(path)
+
+
+def as_path(path: Any):
+    """``etils.epath.Path`` of a str / ``os.PathLike``; any other object is taken as an
+    ``epath.Path``-like already (``/``, ``mkdir``, ``exists``, ``open``, ``read_text``,
+    ``write_text``)."""
+    if isinstance(path, (str, os.PathLike)):
+        return epath.Path(path)
+    return path
+
+
 class MetricsWriter:
     """Console + ``workdir/metrics.jsonl`` (+ TensorBoard when ``tensorboardX`` or
-    ``tensorboard``'s writer is importable). Inert on processes other than 0."""
+    ``tensorboard``'s writer is importable). Inert on processes other than 0.
 
-    def __init__(self, workdir: str, enabled: bool = True, console: bool = True,
+    ``workdir``: a local path or a remote ``etils.epath`` URL (``gs://bucket/run``). Local files
+    are appended to; a remote object cannot be appended to, so there the writer keeps the
+    file's text (what was there + the new records) and rewrites it on each ``write``.
+    TensorBoard on a remote workdir: only for the URL schemes ``tensorboardX`` writes itself
+    (``gs``, ``s3``; else skipped with a log line).
+    """
+
+    def __init__(self, workdir: PathLike, enabled: bool = True, console: bool = True,
                  tensorboard: bool = True):
         self.enabled = enabled and is_main_process()
         self.console = console
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.dir = as_path(workdir)
+        self.remote = is_remote(self.dir)
+        self.path = self.dir / METRICS_FILE
         self._tb = None
+        self._f = None
+        self._text = ""
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._f = open(self.path, "a")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if self.remote:
+                self._text = self.path.read_text() if self.path.exists() else ""
+            else:
+                self._f = self.path.open("a")
             if tensorboard:
-                self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+                self._tb = _tensorboard_writer(str(self.dir / "tensorboard"), self.remote)
+
+    def _append(self, line: str) -> None:
+        if self._f is not None:
+            self._f.write(line)
+            self._f.flush()
+        else:
+            self._text += line
+            self.path.write_text(self._text)
 
     def write(self, record: dict, pbar=None) -> None:
         if not self.enabled:
             return
         rec = {k: _json_number(v) for k, v in record.items()}
-        self._f.write(json.dumps(rec, sort_keys=True) + "\n")
-        self._f.flush()
+        self._append(json.dumps(rec, sort_keys=True) + "\n")
         if self._tb is not None and "step" in record:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -485,12 +524,31 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._f.close()
+            if self._f is not None:
+                self._f.close()
             if self._tb is not None:
                 self._tb.close()
 
 
-def _tensorboard_writer(logdir: str):
+def _tensorboard_writer(logdir: str, remote: bool = False):
+    if remote:
+        scheme = logdir.split("://", 1)[0]
+        try:
+            from tensorboardX import SummaryWriter, record_writer
+        except ImportError:
+            record_writer = None
+        # tensorboardX writes these schemes itself when their client library is installed
+        flag = {"gs": "GCS_ENABLED", "s3": "S3_ENABLED"}.get(scheme)
+        if record_writer is None or flag is None or not getattr(record_writer, flag, False):
+            log.info("no TensorBoard events for %s: tensorboardX (with google-cloud-storage for "
+                     "gs://, boto3 for s3://) is needed for that URL (metrics.jsonl is written)",
+                     logdir)
+            return None
+        try:
+            return SummaryWriter(logdir)
+        except Exception as e:  # noqa: BLE001 - e.g. the cloud client library is missing
+            log.info("no TensorBoard events for %s: %s", logdir, e)
+            return None
     for mod in ("tensorboardX", "torch.utils.tensorboard"):
         try:
             m = __import__(mod, fromlist=["SummaryWriter"])
@@ -518,7 +576,8 @@ def _fmt(v) -> str:
 @dataclasses.dataclass
 class TrainResult:
     """``state`` (the final TrainState, on the mesh), ``frozen`` (non-trainable variables),
-    ``step``, ``preempted`` (stopped by SIGTERM after saving), ``last_metrics``."""
+    ``step``, ``preempted`` (stopped by SIGTERM after saving), ``last_metrics``,
+    ``eval_history`` (``[(step, {eval_loss, eval_<aux>...})]`` of this run's evals)."""
 
     state: TrainState
     frozen: PyTree
@@ -526,6 +585,7 @@ class TrainResult:
     preempted: bool
     last_metrics: dict
     workdir: str
+    eval_history: list = dataclasses.field(default_factory=list)
 
 
 def _checkpoint_tree(state, frozen):
@@ -575,13 +635,17 @@ def grow_params(loaded: PyTree, fresh: PyTree, what: str) -> tuple[PyTree, list[
 def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional[int] = None,
           progress: bool = True, console: bool = True,
           callbacks: Sequence[Callable[[int, dict], None]] = (),
-          devices: Optional[Sequence] = None) -> TrainResult:
+          devices: Optional[Sequence] = None,
+          eval_data: Optional[DataSource] = None) -> TrainResult:
     """Train ``stage`` (``clip``, ``prior``, ``decoder``, ``sr``, ``inpaint``) until
     ``state.step == steps`` (default ``train.<stage>.total_steps``), resuming from the latest
     checkpoint in ``workdir`` if there is one.
 
     ``data`` yields per-process host batches (see the module docstring). ``callbacks`` get
     ``(step, metrics)`` after every step (host floats), before the next step is dispatched.
+    ``eval_data``: per-process batches like ``data``, needed when ``train.<stage>.eval_every``
+    > 0; its first ``eval_batches`` batches are read once and evaluated (EMA params, fixed rng)
+    every ``eval_every`` steps: ``eval_``-prefixed metrics, ``TrainResult.eval_history``.
     Without callbacks the host reads each step's metrics one step late, so that preparing the
     next batch overlaps the device's work (no sync per step). Raises ``NonFiniteLossError`` after
     ``max_nonfinite`` non-finite losses in a row, ``ConfigError`` for bad config,
@@ -589,9 +653,14 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
     model / schedule config.
     """
     tc = train_config(config, stage)
+    if tc.eval_every > 0 and eval_data is None:
+        raise cfg_lib.ConfigError(
+            f"train.{stage}.eval_every={tc.eval_every} needs eval data: pass --eval-data SPEC "
+            "(same syntax as --data; train(..., eval_data=...) from Python), or set "
+            f"--config.train.{stage}.eval_every=0")
     end = int(tc.total_steps if steps is None else steps)
     st = build_stage(stage, config, sr_index=int(tc.extra.get("index", 0)))
-    mesh = stage_mesh(tc.mesh, devices)
+    mesh = stage_mesh(tc.mesh, devices, stage)
     optimizer = make_optimizer(tc.optimizer())
     use_ema = tc.ema_decay > 0
 
@@ -650,9 +719,14 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
             log.info("initialised %s from %s", stage, init_from)
     start = int(state.step)
 
-    pure_step = make_train_step(st.make_loss(frozen), optimizer, tc.ema() if use_ema else None,
-                                compute_dtype=cfg_lib.compute_dtype(config))
+    loss_fn = st.make_loss(frozen)
+    compute_dtype = cfg_lib.compute_dtype(config)
+    pure_step = make_train_step(loss_fn, optimizer, tc.ema() if use_ema else None,
+                                compute_dtype=compute_dtype)
     step_fn = None  # jitted at the first batch, with that batch's shardings
+    evaluator = (_Evaluator(make_eval_step(loss_fn, compute_dtype), eval_data, st, mesh,
+                            shardings, tc.eval_batches) if tc.eval_every > 0 else None)
+    eval_history: list = []
 
     writer = MetricsWriter(workdir, console=console)
     pbar = _progress_bar(start, end, stage, progress and is_main_process())
@@ -677,11 +751,13 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
             writer.write({"step": done, "event": "nonfinite_skipped", "loss": m["loss"],
                           "grad_norm": m["grad_norm"], "in_a_row": nonfinite_in_a_row}, pbar)
             if nonfinite_in_a_row >= tc.max_nonfinite:
+                latest = ckpt.latest_step()
                 raise NonFiniteLossError(
                     f"{stage}: {nonfinite_in_a_row} non-finite losses in a row (last at "
-                    f"step {done}, loss={m['loss']}); stopping. The last checkpoint in "
-                    f"{workdir} is step {ckpt.latest_step()}. Lower train.{stage}."
-                    "learning_rate or check the data, then resume.")
+                    f"step {done}, loss={m['loss']}); stopping. "
+                    + (f"The last checkpoint in {workdir} is step {latest}. " if latest is not None
+                       else f"There is no checkpoint yet in {workdir}. ")
+                    + f"Lower train.{stage}.learning_rate or check the data, then resume.")
         else:
             nonfinite_in_a_row = 0
             for k, v in m.items():
@@ -725,6 +801,11 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
                 pending = (step, metrics)
                 if callbacks:  # callbacks see each step before the next one is dispatched
                     flush()
+                if evaluator is not None and step % tc.eval_every == 0:
+                    flush()  # the train record of this step is written before its eval record
+                    rec = evaluator(state)
+                    eval_history.append((step, rec))
+                    writer.write({"step": step, **rec}, pbar)
                 stop = guard.should_stop(step)
                 if stop or ckpt.should_save(step):
                     flush()  # a non-finite abort must not leave a checkpoint past it
@@ -741,7 +822,35 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
         pbar.close()
         writer.close()
         ckpt.close()
-    return TrainResult(state, frozen, step, preempted, last, workdir)
+    return TrainResult(state, frozen, step, preempted, last, workdir, eval_history)
+
+
+class _Evaluator:
+    """``evaluator(state) -> {eval_loss, eval_<aux>...}``: the mean metrics of the jitted eval
+    step over the first ``num_batches`` batches of ``data`` (read and prepared once, kept on the
+    host, and reused at every eval so evals are comparable)."""
+
+    def __init__(self, eval_fn, data: DataSource, st, mesh, state_shardings, num_batches: int):
+        self.eval_fn, self.data, self.st, self.mesh = eval_fn, data, st, mesh
+        self.state_shardings, self.num_batches = state_shardings, int(num_batches)
+        self.host_batches: Optional[list] = None
+        self.jitted = None
+
+    def __call__(self, state: TrainState) -> dict:
+        if self.host_batches is None:
+            it = iter(self.data)
+            self.host_batches = [self.st.prepare(next(it)) for _ in range(self.num_batches)]
+        sums: dict[str, float] = {}
+        for i, host in enumerate(self.host_batches):
+            batch = global_batch_from_local(host, self.mesh)
+            if self.jitted is None:
+                self.jitted = jit_eval_step(self.eval_fn, self.mesh, self.state_shardings,
+                                            batch_sharding=jax.tree.map(lambda x: x.sharding,
+                                                                        batch))
+            m = jax.device_get(self.jitted(state, batch, i))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {f"eval_{k}": v / len(self.host_batches) for k, v in sums.items()}
 
 
 def _initial_frozen(st, data) -> PyTree:

@@ -13,12 +13,23 @@ Stages and what their batch carries (numpy / jax arrays, leading batch dim B):
             text_states, text_mask. Hybrid loss L_simple + 0.001 L_vlb (learned sigma); CLIP
             embedding dropped with ``cfg_drop_clip``, caption with ``cfg_drop_text``
             (``config.diffusion.decoder``), via ``draw_cfg_drop_masks``.
-  sr        image [B, H, W, 3] in [-1, 1]. The image is resized to the upsampler size, a random
-            ``crop_size`` crop is taken, the low-res conditioning is that crop downsampled by the
-            upsampler factor and corrupted by Gaussian blur (sigma ~ U(blur_sigma), per example).
+  sr        image [B, H, W, 3] in [-1, 1]. The image is resized to the upsampler size and a
+            random ``crop_size`` crop is taken; the low-res conditioning [B, c / f, c / f, 3]
+            depends on ``train.sr.corruption`` (one value, or one per upsampler index):
+            ``'blur'`` (default): that crop downsampled by the upsampler factor f, then Gaussian
+            blur (sigma ~ U(blur_sigma) per example, ``blur_kernel`` taps), in-graph;
+            ``'bsr'``: ``Stage.prepare`` adds ``low_res`` [B, H / f, H / f, 3], the image
+            BSR-lite degraded on the host (``data.augment.bsr_degrade``, options from
+            ``train.sr.bsr``), and the loss takes aligned crops of both.
   inpaint   as decoder, plus random rectangular keep-masks; the UNet is the decoder config with
             ``inpaint=True`` (4 extra input channels). ``inpaint_params_from_decoder`` starts it
             from trained decoder params (new input channels zero-initialised).
+
+Image augmentation (clip, decoder, inpaint, sr; off unless set): ``train.<stage>.resized_crop_scale
+= (min, max)`` area fraction turns on a random resized crop of the training images
+(``data.augment.random_resized_crop``, aspect range ``resized_crop_ratio``, no flips), drawn
+in-graph from a key split off the loss rng (so the default path's randomness is unchanged).
+All crops and blurs come from ``unclip_jax.data.augment``.
 
 Parameters that get no gradient by design (documented exceptions, see the tests):
   * at initialisation every layer feeding a zero-initialised output conv (UNet ``out_conv`` and
@@ -41,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import config as cfg_lib
+from unclip_jax.data import augment
 from unclip_jax.diffusion import create_gaussian_diffusion, training_losses
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.models import prior as prior_lib
@@ -57,6 +69,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EMBED_KEYS = ("image_emb", "text_emb", "text_states", "text_mask")
 HOST_ONLY_KEYS = ("index", "caption")  # reader bookkeeping / strings: not sent to devices
+SR_CORRUPTIONS = ("blur", "bsr")
+RESIZED_CROP_STAGES = ("clip", "decoder", "inpaint", "sr")
+HASH_STRIDE = 7  # pixel stride of the image subsample hashed for the host rng of 'bsr'
 
 
 class MissingBatchKeyError(KeyError):
@@ -101,38 +116,36 @@ def clip_pixels(images: jax.Array, size: int) -> jax.Array:
     return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
 
 
-def gaussian_kernels(sigma: jax.Array, size: int) -> jax.Array:
-    """Normalised 1-D Gaussian kernels ``[B, size]`` for per-example ``sigma [B]``."""
-    r = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0
-    w = jnp.exp(-0.5 * (r[None] / jnp.maximum(sigma[:, None], 1e-3)) ** 2)
-    return w / jnp.sum(w, axis=-1, keepdims=True)
+def resized_crop_settings(config, stage: str) -> Optional[dict]:
+    """``{'scale', 'ratio'}`` for ``augment.random_resized_crop`` from
+    ``train.<stage>.resized_crop_scale`` / ``resized_crop_ratio``; ``None`` (off) when the scale
+    is absent or empty (the shipped configs)."""
+    t = _stage_train(config, stage)
+    scale = _opt(t, "resized_crop_scale", None)
+    if not scale:
+        return None
+    if stage not in RESIZED_CROP_STAGES:
+        raise cfg_lib.ConfigError(f"train.{stage}.resized_crop_scale: stage {stage!r} trains on "
+                                  f"no images; only {list(RESIZED_CROP_STAGES)} take it")
+    scale = tuple(float(x) for x in scale)
+    ratio = tuple(float(x) for x in _opt(t, "resized_crop_ratio", augment.CROP_RATIO))
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise cfg_lib.ConfigError(f"train.{stage}.resized_crop_scale must be (min, max) area "
+                                  f"fractions with 0 < min <= max <= 1, got {scale}")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise cfg_lib.ConfigError(f"train.{stage}.resized_crop_ratio must be (min, max) aspect "
+                                  f"ratios with 0 < min <= max, got {ratio}")
+    return dict(scale=scale, ratio=ratio)
 
 
-def gaussian_blur(x: jax.Array, sigma: jax.Array, size: int) -> jax.Array:
-    """Separable Gaussian blur of ``x [B, H, W, C]`` with per-example ``sigma [B]`` (reflect pad,
-    odd ``size``). ``sigma = 0`` leaves the image as it is (to float precision)."""
-    if size % 2 != 1:
-        raise ValueError(f"blur kernel size must be odd, got {size}")
-    k = gaussian_kernels(sigma, size)  # [B, K]
-    p = size // 2
-    h, w = x.shape[1], x.shape[2]
-    xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0)), mode="reflect")
-    x = sum(k[:, i, None, None, None] * xp[:, i:i + h] for i in range(size))
-    xp = jnp.pad(x, ((0, 0), (0, 0), (p, p), (0, 0)), mode="reflect")
-    return sum(k[:, i, None, None, None] * xp[:, :, i:i + w] for i in range(size))
-
-
-def random_crops(rng: jax.Array, x: jax.Array, crop: int, align: int = 1) -> jax.Array:
-    """A random ``crop x crop`` window per example of ``x [B, H, W, C]``, offsets multiples of
-    ``align`` (so a downsampled crop lines up with the low-res pixel grid)."""
-    b, h, w, c = x.shape
-    if crop >= h and crop >= w:
-        return x
-    ky, kx = jax.random.split(rng)
-    oy = jax.random.randint(ky, (b,), 0, (h - crop) // align + 1) * align
-    ox = jax.random.randint(kx, (b,), 0, (w - crop) // align + 1) * align
-    one = lambda im, y, xx: jax.lax.dynamic_slice(im, (y, xx, 0), (crop, crop, c))  # noqa: E731
-    return jax.vmap(one)(x, oy, ox)
+def train_images(images, size: int, crop: Optional[dict], rng: Optional[jax.Array]) -> jax.Array:
+    """Training images ``[B, H, W, C]`` -> float32 ``[B, size, size, C]``: a random resized crop
+    with ``crop`` settings (``resized_crop_settings``) or, when ``crop`` is None, a plain
+    resize."""
+    x = jnp.asarray(images, jnp.float32)
+    if crop is None:
+        return resize_images(x, size)
+    return augment.random_resized_crop(rng, x, size, **crop)
 
 
 def random_box_masks(rng: jax.Array, batch: int, size: int, min_frac: float = 0.25,
@@ -179,12 +192,13 @@ def clip_loss_fn(config) -> LossFn:
     ccfg = cfg_lib.clip_config(config)
     model = clip_lib.CLIP(ccfg, dtype=cfg_lib.compute_dtype(config))
     size = ccfg.vision_config.image_size
+    crop = resized_crop_settings(config, "clip")
 
     def loss_fn(params, batch, rng):
-        del rng
         _need(batch, ("image", "input_ids"), "clip")
+        images = batch["image"] if crop is None else train_images(batch["image"], size, crop, rng)
         out = model.apply({"params": params}, input_ids=batch["input_ids"],
-                          pixel_values=clip_pixels(batch["image"], size),
+                          pixel_values=clip_pixels(images, size),
                           attention_mask=batch.get("attention_mask"))
         scale = jnp.minimum(out["logit_scale"], 100.0)
         loss = clip_lib.contrastive_loss(out["text_embeds"], out["image_embeds"], scale)
@@ -262,11 +276,15 @@ def _decoder_like_loss(config, stage: str, ucfg: unet_lib.UNetConfig) -> LossFn:
     mask_cfg = dict(min_frac=float(_opt(tcfg, "mask_min_frac", 0.25)),
                     max_frac=float(_opt(tcfg, "mask_max_frac", 0.75)),
                     p_keep_all=float(_opt(tcfg, "mask_p_keep_all", 0.0)))
+    crop = resized_crop_settings(config, stage)
 
     def loss_fn(params, batch, rng):
         _need(batch, needs, stage)
+        k_aug = None
+        if crop is not None:  # split only when on: the default path draws as it always did
+            rng, k_aug = jax.random.split(rng)
         k_drop, k_diff, k_dropout, k_mask = jax.random.split(rng, 4)
-        x0 = resize_images(jnp.asarray(batch["image"], jnp.float32), ucfg.image_size)
+        x0 = train_images(batch["image"], ucfg.image_size, crop, k_aug)
         b = x0.shape[0]
         kw = _unet_kwargs(ucfg, batch)
         aux = {}
@@ -312,7 +330,8 @@ def inpaint_loss_fn(config) -> LossFn:
 
 def sr_settings(config, index: int = 0) -> dict:
     """Upsampler training settings: ``low_res`` size (the previous stage's output size),
-    ``crop`` (high-res crop side; the UNet is fully convolutional), blur sigma range / kernel."""
+    ``crop`` (high-res crop side; the UNet is fully convolutional), ``corruption`` ('blur' or
+    'bsr') with its blur sigma range / kernel or BSR-lite options, the resized crop (or None)."""
     srs = cfg_lib.sr_configs(config)
     if index >= len(srs):
         raise cfg_lib.ConfigError(f"config has {len(srs)} upsampler(s); no sr[{index}]")
@@ -331,38 +350,115 @@ def sr_settings(config, index: int = 0) -> dict:
     if len(sig) != 2 or sig[0] < 0 or sig[1] < sig[0]:
         raise cfg_lib.ConfigError(f"train.sr.blur_sigma must be (min, max), got {sig}")
     kernel = int(_opt(t, "blur_kernel", 3))
+    corruption = _sr_corruption(_opt(t, "corruption", "blur"), index, len(srs))
+    bsr = _bsr_options(_opt(t, "bsr", None))
+    resized = resized_crop_settings(config, "sr")
+    if resized is not None and corruption == "bsr":
+        raise cfg_lib.ConfigError(
+            "train.sr.resized_crop_scale does not combine with corruption='bsr' (its low-res "
+            "input is made on the host from the uncropped image); leave resized_crop_scale "
+            "unset for this upsampler (it trains on random crop_size crops already)")
     return dict(high=high, low=low, factor=factor, crop=crop, blur_sigma=sig,
-                blur_kernel=kernel, config=srs[index])
+                blur_kernel=kernel, corruption=corruption, bsr=bsr, resized_crop=resized,
+                config=srs[index])
 
 
-def sr_conditioning(rng, images, settings: dict):
-    """``(x0, low_res, sigma)``: the high-res training crop ``[B, c, c, 3]`` and its blurred
-    low-res conditioning ``[B, c / f, c / f, 3]`` from images in [-1, 1] of any size."""
+def _sr_corruption(value, index: int, n_sr: int) -> str:
+    """``train.sr.corruption``: one name for every upsampler, or one per upsampler index."""
+    if not isinstance(value, str):
+        names = [str(v) for v in value]
+        if len(names) != n_sr:
+            raise cfg_lib.ConfigError(
+                f"train.sr.corruption: give one of {list(SR_CORRUPTIONS)} or one per upsampler "
+                f"({n_sr}), got {names}")
+        value = names[index]
+    if value not in SR_CORRUPTIONS:
+        raise cfg_lib.ConfigError(f"train.sr.corruption={value!r}: choose one of "
+                                  f"{list(SR_CORRUPTIONS)}")
+    return value
+
+
+def _bsr_options(value) -> dict:
+    """``train.sr.bsr``: keyword arguments of ``augment.bsr_degrade`` (default: its defaults)."""
+    import inspect
+
+    opts = dict(cfg_lib._plain(value)) if value else {}
+    known = set(inspect.signature(augment.bsr_degrade).parameters) - {"rng", "image", "out_size"}
+    bad = sorted(set(opts) - known)
+    if bad:
+        raise cfg_lib.ConfigError(f"unknown key(s) {bad} in train.sr.bsr; valid keys: "
+                                  f"{sorted(known)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
+
+
+def sr_conditioning(rng, images, settings: dict, low_res=None):
+    """``(x0, low_res, sigma)``: the high-res training crop ``[B, c, c, 3]`` and its low-res
+    conditioning ``[B, c / f, c / f, 3]`` from images in [-1, 1] of any size.
+
+    ``corruption='blur'``: the crop downsampled and blurred (``augment.blur_corrupt``; sigma
+    ``[B]``). ``'bsr'``: aligned crops (``augment.paired_random_crop``) of the images resized to
+    the upsampler size and of ``low_res [B, H / f, H / f, 3]``, the host-degraded images that
+    the stage's ``prepare`` adds (sigma None)."""
     s = settings
-    k_crop, k_sig = jax.random.split(rng)
     hi = resize_images(jnp.asarray(images, jnp.float32), s["high"])
-    hi = random_crops(k_crop, hi, s["crop"], align=s["factor"])
+    if s["corruption"] == "bsr":
+        if low_res is None:
+            raise MissingBatchKeyError(
+                "stage 'sr' with train.sr.corruption='bsr' needs 'low_res' in the batch: it is "
+                "made on the host by the stage's prepare (build_stage('sr', config).prepare)")
+        lo, hi = augment.paired_random_crop(rng, jnp.asarray(low_res, jnp.float32), hi,
+                                            s["crop"])
+        return hi, lo, None
+    k_crop, k_sig = jax.random.split(rng)
+    hi = augment.random_crop(k_crop, hi, s["crop"], align=s["factor"])
     lo = resize_images(hi, s["crop"] // s["factor"])
-    smin, smax = s["blur_sigma"]
-    sigma = jax.random.uniform(k_sig, (hi.shape[0],), minval=smin, maxval=smax)
-    if smax > 0:
-        lo = gaussian_blur(lo, sigma, s["blur_kernel"])
+    lo, sigma = augment.blur_corrupt(k_sig, lo, s["blur_sigma"], kernel_size=s["blur_kernel"],
+                                     return_sigma=True)
     return hi, lo, sigma
 
 
+def _content_rng(seed: int, images: np.ndarray) -> np.random.Generator:
+    """A host rng drawn from ``seed`` and a hash of (a subsample of) the batch's images: a pure
+    function of the batch, so a resumed run degrades each batch as the unbroken run did."""
+    import hashlib
+
+    sample = np.ascontiguousarray(np.asarray(images)[:, ::HASH_STRIDE, ::HASH_STRIDE])
+    digest = hashlib.blake2b(sample.tobytes(), digest_size=16).digest()
+    return np.random.default_rng([int(seed), *np.frombuffer(digest, np.uint32).tolist()])
+
+
+def _sr_bsr_prepare(settings: dict, seed: int) -> Callable[[dict], dict]:
+    """Host-side batch preparation of an upsampler with ``corruption='bsr'``: adds ``low_res``,
+    float32 ``[B, low, low, 3]`` in [-1, 1], the images BSR-lite degraded to the low-res size."""
+    def prepare(batch):
+        out = _numeric(batch)
+        _need(out, ("image",), "sr")
+        out["low_res"] = augment.bsr_degrade_batch(_content_rng(seed, out["image"]),
+                                                   out["image"], settings["low"],
+                                                   **settings["bsr"])
+        return out
+
+    return prepare
+
+
 def sr_loss_fn(config, index: int = 0) -> LossFn:
-    """Upsampler loss (MSE, or hybrid with learned sigma) on random crops with a blurred low-res
-    conditioning. aux: ``mse``, ``blur_sigma``."""
+    """Upsampler loss (MSE, or hybrid with learned sigma) on random crops with a corrupted
+    low-res conditioning (see ``sr_conditioning``). aux: ``mse``, ``blur_sigma`` (blur)."""
     s = sr_settings(config, index)
     ucfg = s["config"]
     model = unet_lib.UNet(ucfg)
     diffusion = stage_diffusion(config, "sr")
     loss_type = "hybrid" if diffusion.learned_variance else "mse"
+    needs = ("image", "low_res") if s["corruption"] == "bsr" else ("image",)
 
     def loss_fn(params, batch, rng):
-        _need(batch, ("image",), "sr")
+        _need(batch, needs, "sr")
+        images = batch["image"]
+        if s["resized_crop"] is not None:  # split only when on (default path unchanged)
+            rng, k_aug = jax.random.split(rng)
+            images = train_images(images, s["high"], s["resized_crop"], k_aug)
         k_cond, k_diff, k_dropout = jax.random.split(rng, 3)
-        x0, lo, sigma = sr_conditioning(k_cond, batch["image"], s)
+        x0, lo, sigma = sr_conditioning(k_cond, images, s, batch.get("low_res"))
         t, noise = _timesteps_and_noise(k_diff, diffusion, x0)
 
         def model_fn(x_t, tt, low_res):
@@ -371,7 +467,9 @@ def sr_loss_fn(config, index: int = 0) -> LossFn:
 
         terms = training_losses(diffusion, model_fn, x0, t, noise, {"low_res": lo},
                                 loss_type=loss_type)
-        aux = {"mse": jnp.mean(terms["mse"]), "blur_sigma": jnp.mean(sigma)}
+        aux = {"mse": jnp.mean(terms["mse"])}
+        if sigma is not None:
+            aux["blur_sigma"] = jnp.mean(sigma)
         return jnp.mean(terms["loss"]), aux
 
     return loss_fn
@@ -415,8 +513,9 @@ class Stage:
     init(rng) -> boxed trainable params (for ``sharded_init``); frozen: non-trainable variables
     (checkpointed beside the train state; the prior's buffers, else ``{}``);
     make_loss(frozen) -> loss_fn; prepare(host_batch) -> dict of numpy arrays (tokenises
-    captions, drops strings); model_sections: config sections that define the model (stored
-    with checkpoints and compared on restore / export).
+    captions, drops strings; an upsampler with ``corruption='bsr'`` adds ``low_res``);
+    model_sections: config sections that define the model (stored with checkpoints and compared
+    on restore / export).
     """
 
     name: str
@@ -485,8 +584,10 @@ def build_stage(stage: str, config, *, sr_index: int = 0) -> Stage:
         return Stage("inpaint", lambda rng: unet_lib.init_unet(icfg, rng)["params"], {},
                      lambda frozen: inpaint_loss_fn(config), _numeric, ("decoder",))
     s = sr_settings(config, sr_index)
+    prepare = (_sr_bsr_prepare(s, int(_opt(_stage_train(config, "sr"), "seed", 0)))
+               if s["corruption"] == "bsr" else _numeric)
     return Stage("sr", lambda rng: unet_lib.init_unet(s["config"], rng)["params"], {},
-                 lambda frozen: sr_loss_fn(config, sr_index), _numeric, ("decoder", "sr"))
+                 lambda frozen: sr_loss_fn(config, sr_index), prepare, ("decoder", "sr"))
 
 
 def _initial_buffers(pcfg) -> dict:
@@ -515,7 +616,7 @@ def make_loss_fn(stage: str, config, frozen: Optional[PyTree] = None) -> LossFn:
 __all__ = [
     "STAGES", "Stage", "build_stage", "make_loss_fn", "clip_loss_fn", "prior_loss_fn",
     "decoder_loss_fn", "sr_loss_fn", "inpaint_loss_fn",
-    "inpaint_params_from_decoder", "sr_conditioning", "sr_settings", "gaussian_blur",
-    "random_box_masks", "random_crops", "clip_pixels", "resize_images", "stage_diffusion",
+    "inpaint_params_from_decoder", "sr_conditioning", "sr_settings", "resized_crop_settings",
+    "train_images", "random_box_masks", "clip_pixels", "resize_images", "stage_diffusion",
     "MissingBatchKeyError",
 ]

@@ -49,7 +49,8 @@ class OptimizerConfig:
     schedule: ``'warmup_cosine'`` (linear warmup from ``init_lr_ratio * lr`` to ``lr`` over
       ``warmup_steps``, then cosine to ``end_lr_ratio * lr`` at ``total_steps``) or
       ``'constant'`` (linear warmup, then flat).
-    warmup_steps, total_steps: in optimizer updates (not micro-batches).
+    warmup_steps, total_steps: in optimizer updates (not micro-batches; the trainer's
+      ``TrainConfig.optimizer()`` converts its step counts: ``steps // accum_steps``).
     b1, b2, eps: Adam moments. weight_decay: decoupled (AdamW), applied to params with
       ``ndim > 1`` only unless ``decay_all_params``.
     momentum, nesterov: SGD only (momentum 0 = plain SGD).
@@ -150,6 +151,19 @@ def learning_rate_from_state(opt_state) -> jax.Array:
         if _is_inject_state(leaf) and "learning_rate" in leaf.hyperparams:
             return jnp.asarray(leaf.hyperparams["learning_rate"], jnp.float32)
     return jnp.asarray(jnp.nan, jnp.float32)
+
+
+def applied_update_count(opt_state) -> Optional[jax.Array]:
+    """Int32 scalar: how many real parameter updates ``opt_state`` has applied (the count the
+    LR schedule is indexed by). Under ``optax.MultiSteps``: its ``gradient_step`` (one per
+    ``accum_steps`` micro-batches); otherwise the ``inject_hyperparams`` count. None when
+    ``opt_state`` has neither (an optimizer not built by ``make_optimizer``)."""
+    if isinstance(opt_state, optax.MultiStepsState):
+        return jnp.asarray(opt_state.gradient_step, jnp.int32)
+    for leaf in jax.tree.leaves(opt_state, is_leaf=_is_inject_state):
+        if _is_inject_state(leaf):
+            return jnp.asarray(leaf.count, jnp.int32)
+    return None
 
 
 def update_was_applied(opt_state) -> jax.Array:
