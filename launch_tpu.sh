@@ -166,8 +166,10 @@ for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do TRAIN+=" $(printf '%q' "$a")"; done
 # cluster detection does) and ask `unclip train` to call jax.distributed.initialize().
 ENDPOINTS=http://metadata.google.internal/computeMetadata/v1/instance/attributes/worker-network-endpoints
 MULTI='n=$(curl -sf -H Metadata-Flavor:Google '"$ENDPOINTS"' | tr , "\n" | grep -c . || true); '
+MULTI+='echo "$(hostname): ${n:-0} worker(s) in the slice metadata"; '
 MULTI+='if [ "${n:-1}" -gt 1 ]; then export UNCLIP_DISTRIBUTED=1; fi'
-PRELUDE="cd $REMOTE_DIR && export PATH=\$HOME/.local/bin:\$PATH && $MULTI"
+# braces: a failed cd stops the chain (the training command never runs in the wrong folder)
+PRELUDE="cd $REMOTE_DIR && export PATH=\$HOME/.local/bin:\$PATH && { $MULTI; }"
 if [[ $DETACH -eq 1 ]]; then
   LOG="train-$STAGE.log"
   [[ $DRY_RUN -eq 1 ]] && echo "# train on all workers, detached (log: $REMOTE_DIR/$LOG on each worker)"

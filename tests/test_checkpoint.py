@@ -203,8 +203,9 @@ def test_preemption_guard_sets_flag_and_restores_handler(tmp_path):
 
 def test_multiprocess_without_preemption_service_falls_back_to_sigterm(monkeypatch):
     """Several processes but JAX's preemption sync service not running: the guard installs its
-    SIGTERM handler anyway, and should_stop all-gathers the hosts' flags, so a signal on any
-    host stops every host at the same step."""
+    SIGTERM handler anyway, and should_stop all-gathers the hosts' flags every check_every
+    steps (only then), so a signal on any host stops every host at the same step; between
+    checks a host that got the signal does not stop alone."""
     from unclip_jax.checkpoint import preemption
 
     assert preemption.preemption_service_running() is False  # no jax.distributed here
@@ -219,17 +220,19 @@ def test_multiprocess_without_preemption_service_falls_back_to_sigterm(monkeypat
 
     monkeypatch.setattr(preemption, "any_process_requested", fake_any)
     before = signal.getsignal(signal.SIGTERM)
-    with PreemptionGuard() as guard:
+    with PreemptionGuard(check_every=2) as guard:
         assert not guard.use_sync_service
         assert signal.getsignal(signal.SIGTERM) == guard._handler
-        assert not guard.should_stop(1)
+        assert not guard.should_stop(1) and not guard.should_stop(2)
         os.kill(os.getpid(), signal.SIGTERM)
-        assert guard.should_stop(2) and guard.signal_received == signal.SIGTERM
-    assert gathered == [False, True]
+        assert guard.signalled and guard.signal_received == signal.SIGTERM
+        assert not guard.should_stop(3)  # no check at step 3: the other host does not know yet
+        assert guard.should_stop(4)
+    assert gathered == [False, True]  # steps 2 and 4 only
     assert signal.getsignal(signal.SIGTERM) == before
-    with PreemptionGuard() as guard:  # the signal reached the other host only
+    with PreemptionGuard(check_every=1) as guard:  # the signal reached the other host only
         other_host["requested"] = True
-        assert guard.should_stop(3) and guard.requested
+        assert guard.should_stop(3) and guard.requested and not guard.signalled
 
 
 def test_multiprocess_with_preemption_service_uses_the_sync_point(monkeypatch):

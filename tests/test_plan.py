@@ -256,10 +256,16 @@ def test_launch_tpu_workers_form_one_jax_job_on_a_multi_worker_slice(tmp_path, e
     (tmp_path / "unclip_jax").mkdir()
     env = {k: v for k, v in os.environ.items() if k != "UNCLIP_DISTRIBUTED"}
     env["PATH"] = f"{bindir}:{env['PATH']}"
-    r = subprocess.run(["bash", "-c", prelude + ' && printf "%s" "${UNCLIP_DISTRIBUTED:-}"'],
+    r = subprocess.run(["bash", "-c", prelude + ' && printf "DIST=%s" "${UNCLIP_DISTRIBUTED:-}"'],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == expected
+    assert r.stdout.splitlines()[-1] == f"DIST={expected}"
+    n = len(endpoints.split(",")) if endpoints else 0
+    assert f"{n} worker(s) in the slice metadata" in r.stdout
+    # a missing code folder stops the chain: the training command never runs elsewhere
+    r = subprocess.run(["bash", "-c", prelude + ' && echo TRAINING'], cwd=bindir, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "TRAINING" not in r.stdout
 
 
 def test_launch_tpu_detach_runs_training_under_nohup_with_a_log():

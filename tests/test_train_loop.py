@@ -174,10 +174,16 @@ def test_committed_micro_model_dir_loads():
                                        for x in leaves), want["abs_sum"], rtol=1e-6)
 
 
-def test_embed_cli_writes_a_dataset_the_trainer_reads(tmp_path):
+def test_embed_cli_writes_a_dataset_the_trainer_reads(tmp_path, monkeypatch):
+    """... and joins the multi-process job first (on a pod each process embeds its own shard)."""
+    from unclip_jax.parallel import mesh as mesh_lib
+
+    calls = []
+    monkeypatch.setattr(mesh_lib, "maybe_initialize_distributed", lambda: calls.append(1))
     out = str(tmp_path / "emb")
     assert embed_main(["--model", FIXTURE_MODEL, "--data", "synthetic", "--out", out,
                        "--max-examples", "10", "--batch-size", "4", "--no-progress"]) == 0
+    assert calls == [1]
     ds = loop.EmbeddingDataset(out, batch_size=4, seed=0)
     assert ds.num_examples == 10 and ds.meta["num_examples"] == 10
     it = iter(ds)
@@ -621,6 +627,11 @@ def test_train_cli_eval_data_flag(tmp_path):
     assert [r["step"] for r in _records(wd) if "eval_loss" in r] == [1, 2]
     with pytest.raises(ConfigError, match="single STAGE"):
         train_main(["all", "--config", MICRO, "--workdir", wd, "--eval-data", "synthetic"])
+    with pytest.raises(ConfigError, match="eval_every is 0"):  # eval data that would go unused
+        train_main(["prior", "--config", MICRO, "--workdir", wd, "--steps", "2",
+                    "--data", "synthetic", "--eval-data", "synthetic", "--no-progress"])
+    with pytest.raises(ConfigError, match="local --workdir"):  # `all` ends with a local model dir
+        train_main(["all", "--config", MICRO, "--workdir", "gs://bucket/run"])
 
 
 # ------------------------------------------------------------------------------ accumulation
@@ -628,8 +639,9 @@ def test_train_cli_eval_data_flag(tmp_path):
 
 def test_grad_accumulation_schedule_runs_over_updates(tmp_path):
     """accum_steps 4, total_steps 8, no warmup: 8 loop steps apply 2 updates (one per 4
-    micro-batches), the cosine schedule runs over those 2 updates and has reached its end lr
-    after the last step; the lr metric changes only when an update is applied."""
+    micro-batches), the cosine schedule runs over those 2 updates (the lr applied by the last
+    update is sched(1), and sched(2), where the next one would start, is the end lr); the lr
+    metric changes only when an update is applied."""
     import optax
 
     from unclip_jax.train.optim import make_schedule
@@ -762,15 +774,19 @@ class FakeRemotePath:
 
 def test_metrics_writer_remote_workdir(tmp_path, monkeypatch):
     """A gs:// workdir is a URL path (etils.epath), not a local 'gs:' folder; records go
-    through the path object, after what an earlier run left there (a resume)."""
+    through the path object, after what an earlier run left there (a resume), uploaded on
+    flush / close (and every remote_flush_seconds), not once per record."""
     monkeypatch.chdir(tmp_path)
     p = loop.as_path("gs://bucket/run")
     assert loop.is_remote(p) and str(p / loop.METRICS_FILE) == "gs://bucket/run/metrics.jsonl"
     assert not loop.is_remote(loop.as_path(str(tmp_path)))
     store = {"gs://bucket/run/metrics.jsonl": '{"step": 1}\n'}
     w = loop.MetricsWriter(FakeRemotePath("gs://bucket/run", store), console=False,
-                           tensorboard=False)
+                           tensorboard=False, remote_flush_seconds=3600)
     w.write({"step": 2, "loss": 0.5})
+    assert store["gs://bucket/run/metrics.jsonl"] == '{"step": 1}\n'  # no upload per record
+    w.flush()
+    assert store["gs://bucket/run/metrics.jsonl"].endswith('"step": 2}\n')
     w.write({"step": 3, "loss": float("nan")})
     w.close()
     lines = [json.loads(x) for x in store["gs://bucket/run/metrics.jsonl"].splitlines()]
@@ -778,16 +794,17 @@ def test_metrics_writer_remote_workdir(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # nothing written locally (no ./gs:/bucket/...)
 
 
-def test_ema_warmup_defaults_agree():
-    """TrainConfig.ema_warmup defaults to EmaConfig.warmup; the shipped configs set it in every
-    train section, so the default does not change what they train."""
+def test_ema_warmup_default_and_shipped_configs():
+    """A train section without ema_warmup keeps the trainer's long-standing default (warmup on:
+    a run saved before resumes unchanged); the shipped configs set it in every train section."""
     import glob
 
     from unclip_jax.config import load_config_file
     from unclip_jax.train.ema import EmaConfig
 
-    assert loop.TrainConfig(stage="prior").ema_warmup is EmaConfig().warmup
-    assert loop.TrainConfig(stage="prior").ema() == EmaConfig(decay=0.9999)
+    c = _cfg()
+    del c.train.prior["ema_warmup"]
+    assert loop.train_config(c, "prior").ema() == EmaConfig(decay=0.9, warmup=True)
     checked = 0
     for path in glob.glob(os.path.join(HERE, "..", "experiments", "*.py")):
         try:
@@ -881,3 +898,14 @@ def test_model_dir_of_an_unsupported_format_version_says_upgrade(tmp_path, capsy
     with pytest.raises(model_lib.ModelDirError, match="version 0; .*Upgrade") as info:
         model_lib.read_meta(str(old))
     assert "newer" not in str(info.value)
+
+
+def test_model_dir_is_not_written_to_a_remote_url(tmp_path, monkeypatch):
+    """Saving a model dir to gs://... says to export locally and copy, instead of writing a
+    local './gs:/...' folder."""
+    from unclip_jax.pipelines import model as model_lib
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(model_lib.ModelDirError, match="local disk"):
+        model_lib.save(None, "gs://bucket/model")
+    assert os.listdir(tmp_path) == []

@@ -16,8 +16,9 @@ On several processes with JAX's preemption sync service running (``jax.distribut
 notifier owns SIGTERM there) and ``should_stop(step)`` asks
 ``multihost_utils.reached_preemption_sync_point``, which gives every host the same answer at the
 same step, so all hosts save the same step. When the service is not running the guard falls back
-to its own SIGTERM handler on every host, and ``should_stop`` all-gathers the hosts' flags (a
-tiny blocking collective per call) so that all hosts still stop at the same step.
+to its own SIGTERM handler on every host, and ``should_stop`` all-gathers the hosts' flags
+every ``check_every`` steps (a tiny blocking collective, so not every step: it would wait for
+the step just dispatched) so that all hosts still stop at the same step.
 """
 from __future__ import annotations
 
@@ -60,15 +61,21 @@ class PreemptionGuard:
     ``use_sync_service``: whether this multi-process run relies on JAX's preemption sync point
     (set by ``install``)."""
 
-    def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM,), check_every: int = 10):
         self.signals = tuple(signals)
+        self.check_every = max(1, int(check_every))
         self.requested = False
+        self.signalled = False  # this host got a signal
         self.signal_received: Optional[int] = None
         self._previous: dict[int, object] = {}
         self.use_sync_service = False
 
     def _handler(self, signum, frame):  # noqa: ARG002 - signal API
-        self.requested = True
+        # ``requested`` is the stop every process agrees on: on one process the signal is it;
+        # on several, ``should_stop`` sets it when the hosts' flags are compared
+        self.signalled = True
+        if jax.process_count() == 1:
+            self.requested = True
         self.signal_received = signum
         log.warning("received signal %d: will save a checkpoint and stop after this step", signum)
 
@@ -86,13 +93,16 @@ class PreemptionGuard:
                 "(jax.distributed.initialize with jax_enable_preemption_service=True starts it); "
                 "falling back to a SIGTERM handler on each host, with the hosts' stop flags "
                 "all-gathered at every step", jax.process_count())
+        self._install_handlers()
+        return self
+
+    def _install_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             log.warning("PreemptionGuard: not on the main thread; signal handlers not installed")
-            return self
+            return
         for s in self.signals:
             self._previous[s] = signal.getsignal(s)
             signal.signal(s, self._handler)
-        return self
 
     def uninstall(self) -> None:
         for s, prev in self._previous.items():
@@ -111,7 +121,8 @@ class PreemptionGuard:
         Single process: once a signal arrived. Several processes with ``step`` given: once JAX's
         preemption sync point is reached, or (sync service not running) once any host got a
         signal; the same answer on every host either way (call it at the same steps on all
-        hosts).
+        hosts). Without the sync service the hosts' flags are compared every ``check_every``
+        steps only (a stop comes at most that many steps after the signal).
         """
         if step is not None and jax.process_count() > 1:
             if self.use_sync_service:
@@ -122,8 +133,10 @@ class PreemptionGuard:
                         self.requested = True
                     return self.requested
                 except Exception as e:  # noqa: BLE001 - the service went away: use the flags
-                    log.warning("preemption sync point unavailable (%s); using the SIGTERM "
-                                "flags of the hosts", e)
-            if any_process_requested(self.requested):
+                    log.warning("preemption sync point unavailable (%s); from now on using a "
+                                "SIGTERM handler and the hosts' flags", e)
+                    self.use_sync_service = False
+                    self._install_handlers()
+            if int(step) % self.check_every == 0 and any_process_requested(self.signalled):
                 self.requested = True
         return self.requested

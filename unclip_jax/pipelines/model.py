@@ -231,6 +231,9 @@ def save(model: UnCLIP, path: str, storage_dtype: str = "float32") -> str:
 
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+    if "://" in str(path):
+        raise ModelDirError(f"model dirs are written to local disk, not {path}: export to a local "
+                            "folder and copy it (e.g. gsutil -m cp -r DIR gs://...)")
     path = os.path.abspath(path)
     if os.path.exists(path) and os.listdir(path):
         raise ModelDirError(f"{path} exists and is not empty; choose a new output folder")

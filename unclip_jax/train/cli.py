@@ -197,6 +197,11 @@ def _run_stage(stage: str, config, workdir: str, data_spec: str, steps: Optional
     local = tc.batch_size // jax.process_count()
     data = open_data(data_spec, stage, config, local, seed=tc.seed)
     eval_data = None
+    if eval_spec and tc.eval_every <= 0:
+        from unclip_jax.config import ConfigError
+
+        raise ConfigError(f"--eval-data is given but train.{stage}.eval_every is 0 (no eval): "
+                          f"add --config.train.{stage}.eval_every=N to evaluate every N steps")
     if eval_spec:
         eval_data = open_data(eval_spec, stage, config, local, seed=tc.seed + EVAL_SEED_OFFSET)
     return train(stage, config, workdir, data, steps=steps, progress=progress,
@@ -254,7 +259,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except CheckpointError as e:
         raise ConfigError(
             f"{_one_line(e)}. The checkpoint is incomplete or holds another model: move that step "
-            f"folder out of {args.workdir} to resume from the one before, or train in a new "
+            f"folder (named above) out of its workdir to resume from the one before, or train in a new "
             "--workdir.") from None
     except ExportError as e:
         raise ConfigError(str(e)) from None
@@ -262,13 +267,16 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _train_all(config, args, progress: bool) -> int:
     from unclip_jax import config as cfg_lib
+    from unclip_jax.config import ConfigError
+    from unclip_jax.data.embeddings import is_embeddings_dir
     from unclip_jax.train.export import embed_dataset, export_model, load_clip_params
     from unclip_jax.train.loop import open_data, train_config
 
-    from unclip_jax.data.embeddings import is_embeddings_dir
-
-    # a remote workdir (gs://...) stays a URL; os.path.abspath would make it a local folder
-    wd = args.workdir if "://" in args.workdir else os.path.abspath(args.workdir)
+    if "://" in args.workdir:  # checked before any training: `all` ends with a local model dir
+        raise ConfigError(f"unclip train all writes its model dir to local disk; give a local "
+                          f"--workdir, not {args.workdir} (or train the stages one by one with "
+                          "`unclip train STAGE --workdir gs://...` and `unclip export --out DIR`)")
+    wd = os.path.abspath(args.workdir)
     dirs = {s: os.path.join(wd, s) for s in ("clip", "prior", "decoder", "sr", "inpaint")}
     res = _run_stage("clip", config, dirs["clip"], args.data, args.steps, progress)
     if res.preempted:
@@ -354,6 +362,10 @@ def embed_main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError("unclip embed: give --model DIR or --clip-workdir DIR (with --config)")
     if args.clip_workdir and not args.config:
         raise ConfigError("unclip embed --clip-workdir needs --config (the CLIP run's config)")
+    from unclip_jax.parallel.mesh import maybe_initialize_distributed
+
+    # on a pod every process embeds its own shard of the data and writes its own shard files
+    maybe_initialize_distributed()
     from unclip_jax.utils.compile_cache import enable_compilation_cache
 
     enable_compilation_cache()

@@ -123,7 +123,9 @@ class TrainConfig:
     grad_clip_norm: Optional[float] = 1.0
     accum_steps: int = 1
     ema_decay: float = 0.9999
-    ema_warmup: bool = False  # = EmaConfig.warmup; every shipped config sets it explicitly
+    # True as before: a config that leaves it out trains (and resumes) as it always did;
+    # EmaConfig's library default (a plain decay) is for direct make_train_step callers
+    ema_warmup: bool = True
     save_every: int = 500
     keep_last: Optional[int] = 3
     log_every: int = 50
@@ -473,14 +475,19 @@ class MetricsWriter:
 
     ``workdir``: a local path or a remote ``etils.epath`` URL (``gs://bucket/run``). Local files
     are appended to; a remote object cannot be appended to, so there the writer keeps the
-    file's text (what was there + the new records) and rewrites it on each ``write``.
+    file's text (what was there + the new records) and rewrites it at most every
+    ``remote_flush_seconds`` (and on ``flush`` / ``close``), not on every record: uploads stay
+    a few per minute however often the loop logs.
     TensorBoard on a remote workdir: only for the URL schemes ``tensorboardX`` writes itself
     (``gs``, ``s3``; else skipped with a log line).
     """
 
     def __init__(self, workdir: PathLike, enabled: bool = True, console: bool = True,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, remote_flush_seconds: float = 60.0):
         self.enabled = enabled and is_main_process()
+        self.remote_flush_seconds = float(remote_flush_seconds)
+        self._last_flush = time.monotonic()
+        self._dirty = False
         self.console = console
         self.dir = as_path(workdir)
         self.remote = is_remote(self.dir)
@@ -503,7 +510,17 @@ class MetricsWriter:
             self._f.flush()
         else:
             self._text += line
+            self._dirty = True
+            if time.monotonic() - self._last_flush >= self.remote_flush_seconds:
+                self.flush()
+
+    def flush(self) -> None:
+        """Upload the remote file now if records are waiting (a no-op for a local file, which
+        is flushed on every record)."""
+        if self.enabled and self._dirty:
             self.path.write_text(self._text)
+            self._dirty = False
+        self._last_flush = time.monotonic()
 
     def write(self, record: dict, pbar=None) -> None:
         if not self.enabled:
@@ -524,6 +541,7 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
+            self.flush()
             if self._f is not None:
                 self._f.close()
             if self._tb is not None:
@@ -809,6 +827,7 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
                 stop = guard.should_stop(step)
                 if stop or ckpt.should_save(step):
                     flush()  # a non-finite abort must not leave a checkpoint past it
+                    writer.flush()  # a remote metrics file is as fresh as the checkpoint
                 ckpt.maybe_save(step, _checkpoint_tree(state, frozen), data.get_state())
                 if stop:
                     ckpt.save(step, _checkpoint_tree(state, frozen), data.get_state())
