@@ -83,6 +83,13 @@ runs (``R``, ``DATA_DIR`` as in that script)::
 
 Train unCLIP R-precision 0.600 on the reported draw (round 14: 0.530), 0.635 on the validation
 draw (0.580), 0.560 on the seed-2 draw (0.485).
+
+Round 17 (session 19; measured, not shipped): round 16's decoder 12000 more steps from its fp32
+EMA weights (R16/dec16), lr 8e-5::
+
+    INIT=R16/dec16 LR=8e-5 QUALITY=0 bash experiments/emoji_cpu_round.sh r17 12000
+
+0.540 on the reported draw and 0.545 on the seed-2 draw (round 16: 0.600, 0.560): not adopted.
 """
 import os
 
