@@ -101,6 +101,24 @@ def test_metrics_jsonl(straight):
     assert records[-1]["loss"] < records[0]["loss"]  # it learns something
 
 
+def test_progress_bar_and_console_lines(tmp_path, capsys):
+    """progress=True draws a tqdm bar ('train prior', up to steps/steps) on stderr, and the
+    console lines carry the logged metrics (loss, lr, grad_norm, images_per_sec); the CLI's
+    `unclip embed` shows its own bar ('embed') unless --no-progress."""
+    cfg = _cfg(**{"train.prior.log_every": "2"})
+    train("prior", cfg, str(tmp_path / "bar"), _src(), steps=4, progress=True, console=True)
+    err = capsys.readouterr().err
+    assert "train prior" in err and "4/4" in err, err[-2000:]
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("step=")]
+    assert [ln.split()[0] for ln in lines] == ["step=2", "step=4"], lines
+    for key in ("loss=", "lr=", "grad_norm=", "images_per_sec="):
+        assert all(key in ln for ln in lines), (key, lines)
+    assert embed_main(["--model", FIXTURE_MODEL, "--data", "synthetic", "--out",
+                       str(tmp_path / "emb"), "--max-examples", "6", "--batch-size", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "embed" in err and "6/6" in err, err[-2000:]
+
+
 def test_nonfinite_loss_is_skipped_logged_and_aborts_after_k(tmp_path):
     wd = str(tmp_path / "nan")
     res = train("prior", _cfg(), wd, _src(nan_batches=[2, 3]), steps=6, progress=False,

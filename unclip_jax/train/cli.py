@@ -37,7 +37,7 @@ TRAIN_STAGES = ("clip", "prior", "decoder", "sr", "inpaint", "all")
 # shuffled eval set) is not the training stream's first batches
 EVAL_SEED_OFFSET = 1
 # train.STAGE keys a config file may leave out: their defaults (``TrainConfig``'s for the eval keys)
-OPTIONAL_TRAIN_KEYS = ("init_from", "init_partial", "eval_every", "eval_batches",
+OPTIONAL_TRAIN_KEYS = ("init_from", "init_partial", "eval_every", "eval_batches", "async_save",
                        "resized_crop_scale", "resized_crop_ratio", "corruption")
 
 
@@ -108,7 +108,8 @@ def _model_field_default(parts: Sequence[str]):
     """The default of ``decoder.FIELD`` when FIELD is a ``UNetConfig`` field (config files list
     only the fields they change, so ``--config.decoder.attention_impl=cudnn`` must still work),
     of ``train.STAGE.init_from`` (``""``: start from scratch), ``train.STAGE.init_partial``
-    (``False``), ``train.STAGE.eval_every`` / ``eval_batches`` (``TrainConfig``'s defaults),
+    (``False``), ``train.STAGE.eval_every`` / ``eval_batches`` / ``async_save``
+    (``TrainConfig``'s defaults),
     ``train.STAGE.resized_crop_scale`` (``None``: off) / ``resized_crop_ratio`` and
     ``train.sr.corruption`` (``"blur"``; the stages that take them);
     ``_MISSING`` otherwise.
@@ -122,7 +123,7 @@ def _model_field_default(parts: Sequence[str]):
 
         if parts[1] not in STAGE_KEYS:
             return _MISSING
-        if parts[2] in ("eval_every", "eval_batches"):
+        if parts[2] in ("eval_every", "eval_batches", "async_save"):
             return getattr(TrainConfig(stage=parts[1]), parts[2])
         if parts[2] not in STAGE_KEYS[parts[1]]:
             return _MISSING
@@ -259,8 +260,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except CheckpointError as e:
         raise ConfigError(
             f"{_one_line(e)}. The checkpoint is incomplete or holds another model: move that step "
-            f"folder (named above) out of its workdir to resume from the one before, or train in a new "
-            "--workdir.") from None
+            "folder (named above) out of its workdir to resume from the one before, or train in "
+            "a new --workdir.") from None
     except ExportError as e:
         raise ConfigError(str(e)) from None
 

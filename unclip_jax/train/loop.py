@@ -79,7 +79,7 @@ COMMON_KEYS = {
     "batch_size", "learning_rate", "warmup_steps", "total_steps", "weight_decay",
     "grad_clip_norm", "accum_steps", "ema_decay", "ema_warmup", "save_every", "keep_last",
     "log_every", "max_nonfinite", "seed", "mesh", "schedule", "b1", "b2", "eps",
-    "end_lr_ratio", "init_lr_ratio", "eval_every", "eval_batches",
+    "end_lr_ratio", "init_lr_ratio", "eval_every", "eval_batches", "async_save",
 }
 STAGE_KEYS = {
     "clip": {"init_from", "init_partial", "resized_crop_scale", "resized_crop_ratio"},
@@ -93,7 +93,7 @@ STAGE_KEYS = {
 }
 # Keys that may change between a run and its resume (not compared with the checkpoint's config).
 VOLATILE_KEYS = ("save_every", "keep_last", "log_every", "max_nonfinite", "mesh", "init_from",
-                 "init_partial", "eval_every", "eval_batches")
+                 "init_partial", "eval_every", "eval_batches", "async_save")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +133,11 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0
     eval_batches: int = 4
+    # checkpoints written in a background thread while training goes on (orbax); a kill -9
+    # then loses the steps since the last *finished* save: one interval, plus the save still
+    # being written if saving takes longer than an interval. False: training waits for each
+    # save, so at most one interval is lost.
+    async_save: bool = True
     mesh: dict = dataclasses.field(default_factory=lambda: dict(data=-1, fsdp=1, tensor=1))
     optimizer_extra: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)
@@ -535,7 +540,7 @@ class MetricsWriter:
         if self.console:
             msg = " ".join(f"{k}={_fmt(v)}" for k, v in rec.items())
             if pbar is not None and not pbar.disable:
-                pbar.write(msg)
+                pbar.write(msg, file=sys.stderr)  # where the bar is (tqdm.write: stdout)
             else:
                 print(msg, file=sys.stderr, flush=True)
 
@@ -689,7 +694,8 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
     abstract = jax.eval_shape(init_fn, rng)
     shardings = param_shardings(abstract, mesh)
     ckpt = Checkpointer(workdir, save_every=tc.save_every, keep_last=tc.keep_last,
-                        config=stage_config_json(config, stage), comparable=training_identity)
+                        async_save=bool(tc.async_save), config=stage_config_json(config, stage),
+                        comparable=training_identity)
     frozen = _initial_frozen(st, data)
     frozen_sh = jax.tree.map(lambda _: jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()), frozen)
