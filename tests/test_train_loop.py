@@ -352,6 +352,32 @@ def test_sharded_mesh_matches_one_device(tmp_path, devices):
                  _host(res.state.params), _host(one.state.params))
 
 
+def test_resume_onto_another_mesh_through_the_trainer(tmp_path, devices):
+    """A run saved on data=2 x fsdp=2 resumes on data=1 x fsdp=4 (train.STAGE.mesh may change
+    between a run and its resume): the restored state lands on the new mesh with the values
+    saved (bitwise), and the resumed run ends where the unbroken one does (float tolerance:
+    another reduction order)."""
+    m1 = {"train.prior.mesh.data": "2", "train.prior.mesh.fsdp": "2"}
+    m2 = {"train.prior.mesh.data": "1", "train.prior.mesh.fsdp": "4"}
+    wd = str(tmp_path / "run")
+    first = train("prior", _cfg(**m1), wd, _src(), steps=3, progress=False, console=False)
+    saved = _host(first.state.params)
+    again = train("prior", _cfg(**m2), wd, _src(), steps=3, progress=False, console=False)
+    assert int(again.state.step) == 3  # nothing left to do: restored only
+    for leaf in jax.tree.leaves(again.state.params):
+        assert dict(leaf.sharding.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(again.state.params))
+    _assert_bitwise(_host(again.state.params), saved)
+    resumed = train("prior", _cfg(**m2), wd, _src(), steps=6, progress=False, console=False)
+    straight = train("prior", _cfg(**m1), str(tmp_path / "straight"), _src(), steps=6,
+                     progress=False, console=False)
+    assert int(resumed.state.step) == 6
+    np.testing.assert_allclose(resumed.last_metrics["loss"], straight.last_metrics["loss"],
+                               rtol=2e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=3e-3),
+                 _host(resumed.state.params), _host(straight.state.params))
+
+
 def test_inpaint_starts_from_decoder_params(tmp_path):
     """train.inpaint.init_from (a model dir here; a decoder workdir works too): the fresh
     inpainting state is the decoder's params with zero-initialised extra input channels."""
