@@ -13,6 +13,7 @@ from unclip_jax.train import (
     TrainState,
     ema_update,
     jit_eval_step,
+    jit_train_step,
     make_eval_step,
     make_optimizer,
     make_schedule,
@@ -268,3 +269,22 @@ def test_eval_rng_is_fixed_per_batch_index():
     assert float(ev(state, _batch(0), 1)["loss"]) != a
     other = state.replace(rng=jax.random.PRNGKey(1))
     assert float(ev(other, _batch(0), 0)["loss"]) != a
+
+
+def test_train_step_donates_the_state(devices):
+    """jit_train_step donates the input state (its buffers are reused for the output: the old
+    arrays are deleted); donate=False keeps it (the eval step's no-donation is checked in
+    test_eval_step_is_the_loss_of_the_ema_params_and_changes_nothing)."""
+    opt = make_optimizer(dict(name="adamw", learning_rate=1e-2, schedule="constant"))
+    state = TrainState.create(_params(), opt, jax.random.PRNGKey(0))
+    mesh, sh = _one_device_state_shardings(state, devices)
+    batch = _batch(3)
+    b_sh = batch_shardings(batch, mesh)
+    step_fn = make_train_step(linear_loss, opt)
+    kept = jax.device_put(state, sh)
+    jit_train_step(step_fn, mesh, sh, batch_sharding=b_sh, donate=False)(kept, batch)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(kept))
+    donated = jax.device_put(state, sh)
+    new, _ = jit_train_step(step_fn, mesh, sh, batch_sharding=b_sh)(donated, batch)
+    assert all(x.is_deleted() for x in jax.tree.leaves(donated.params))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(new))
