@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import unclip_jax
+from unclip_jax.utils.paths import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class Checkpointer:
                  async_save: bool = True, config: Any = None,
                  min_replica_parallel_bytes: Optional[int] = 1 << 20,
                  comparable: Optional[Callable[[dict], dict]] = None):
-        self.workdir = os.path.abspath(workdir) if "://" not in str(workdir) else str(workdir)
+        self.workdir = str(workdir) if is_remote(workdir) else os.path.abspath(workdir)
         self.save_every = int(save_every)
         self.keep_last = keep_last
         self.config = config_to_json(config)

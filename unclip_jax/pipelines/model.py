@@ -40,6 +40,7 @@ from unclip_jax.models import pca as pca_lib
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.models.tokenizer import DEFAULT_TOKENIZER_DIR
+from unclip_jax.utils.paths import is_remote
 
 FORMAT = "unclip_jax.model"
 FORMAT_VERSION = 2
@@ -231,7 +232,7 @@ def save(model: UnCLIP, path: str, storage_dtype: str = "float32") -> str:
 
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
-    if "://" in str(path):
+    if is_remote(path):
         raise ModelDirError(f"model dirs are written to local disk, not {path}: export to a local "
                             "folder and copy it (e.g. gsutil -m cp -r DIR gs://...)")
     path = os.path.abspath(path)

@@ -272,8 +272,9 @@ def _train_all(config, args, progress: bool) -> int:
     from unclip_jax.data.embeddings import is_embeddings_dir
     from unclip_jax.train.export import embed_dataset, export_model, load_clip_params
     from unclip_jax.train.loop import open_data, train_config
+    from unclip_jax.utils.paths import is_remote
 
-    if "://" in args.workdir:  # checked before any training: `all` ends with a local model dir
+    if is_remote(args.workdir):  # checked before any training: `all` ends with a local model dir
         raise ConfigError(f"unclip train all writes its model dir to local disk; give a local "
                           f"--workdir, not {args.workdir} (or train the stages one by one with "
                           "`unclip train STAGE --workdir gs://...` and `unclip export --out DIR`)")

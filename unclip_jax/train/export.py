@@ -28,6 +28,7 @@ import numpy as np
 
 from unclip_jax import config as cfg_lib
 from unclip_jax.checkpoint import Checkpointer
+from unclip_jax.data import embeddings as embeddings_lib
 from unclip_jax.train.losses import build_stage, clip_pixels
 
 PyTree = Any
@@ -299,15 +300,14 @@ def embed_batches(clip_cfg, clip_params, batches: Iterable[dict], *,
 def embed_dataset(clip_cfg, clip_params, batches: Iterable[dict], out_dir: str, *,
                   max_examples: Optional[int] = None, store_image_size: Optional[int] = None,
                   tokenizer_dir: Optional[str] = None, progress: bool = True,
-                  meta: Optional[dict] = None, shard_size: int = 4096) -> dict:
+                  meta: Optional[dict] = None,
+                  shard_size: int = embeddings_lib.DEFAULT_SHARD_SIZE) -> dict:
     """``embed_batches`` written as an embeddings dir (``loop.EmbeddingDataset`` reads it).
 
     Every process calls it with its own ``batches`` (its shard of the data); each writes shards
     named by its process index into ``out_dir`` (shared, e.g. ``gs://``), process 0 the meta
     (``data.embeddings.write_embeddings``). ``max_examples`` counts this process's examples."""
-    from unclip_jax.data.embeddings import write_embeddings
-
-    return write_embeddings(out_dir, embed_batches(
+    return embeddings_lib.write_embeddings(out_dir, embed_batches(
         clip_cfg, clip_params, batches, max_examples=max_examples,
         store_image_size=store_image_size, tokenizer_dir=tokenizer_dir, progress=progress),
         meta=meta, shard_size=shard_size)

@@ -36,13 +36,12 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from unclip_jax import config as cfg_lib
 from unclip_jax.checkpoint import Checkpointer, PreemptionGuard
@@ -60,6 +59,7 @@ from unclip_jax.train.losses import DIFFUSION_SECTION, STAGES, build_stage
 from unclip_jax.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from unclip_jax.train.state import TrainState
 from unclip_jax.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from unclip_jax.utils.paths import PathLike, as_path, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -456,24 +456,6 @@ def _default_image_size(config, stage: str) -> int:
 # ------------------------------------------------------------------------------ metrics
 
 
-PathLike = Union[str, os.PathLike, epath.Path]
-
-
-def is_remote(path: Any) -> bool:
-    """True for a URL-style path (``gs://``, ``s3://``, ...): written through ``etils.epath``,
-    never as a local folder named ``gs:``."""
-    return "://" in str(path)
-
-
-def as_path(path: Any):
-    """``etils.epath.Path`` of a str / ``os.PathLike``; any other object is taken as an
-    ``epath.Path``-like already (``/``, ``mkdir``, ``exists``, ``open``, ``read_text``,
-    ``write_text``)."""
-    if isinstance(path, (str, os.PathLike)):
-        return epath.Path(path)
-    return path
-
-
 class MetricsWriter:
     """Console + ``workdir/metrics.jsonl`` (+ TensorBoard when ``tensorboardX`` or
     ``tensorboard``'s writer is importable). Inert on processes other than 0.
@@ -852,30 +834,32 @@ def train(stage: str, config, workdir: str, data: DataSource, *, steps: Optional
 
 class _Evaluator:
     """``evaluator(state) -> {eval_loss, eval_<aux>...}``: the mean metrics of the jitted eval
-    step over the first ``num_batches`` batches of ``data`` (read and prepared once, kept on the
-    host, and reused at every eval so evals are comparable)."""
+    step over the first ``num_batches`` batches of ``data`` (read, prepared and put on the mesh
+    once at the first eval, then reused at every eval so evals are comparable)."""
 
     def __init__(self, eval_fn, data: DataSource, st, mesh, state_shardings, num_batches: int):
         self.eval_fn, self.data, self.st, self.mesh = eval_fn, data, st, mesh
         self.state_shardings, self.num_batches = state_shardings, int(num_batches)
-        self.host_batches: Optional[list] = None
+        self.batches: Optional[list] = None
         self.jitted = None
 
+    def _setup(self) -> None:
+        it = iter(self.data)
+        self.batches = [global_batch_from_local(self.st.prepare(next(it)), self.mesh)
+                        for _ in range(self.num_batches)]
+        self.jitted = jit_eval_step(self.eval_fn, self.mesh, self.state_shardings,
+                                    batch_sharding=jax.tree.map(lambda x: x.sharding,
+                                                                self.batches[0]))
+
     def __call__(self, state: TrainState) -> dict:
-        if self.host_batches is None:
-            it = iter(self.data)
-            self.host_batches = [self.st.prepare(next(it)) for _ in range(self.num_batches)]
+        if self.batches is None:
+            self._setup()
         sums: dict[str, float] = {}
-        for i, host in enumerate(self.host_batches):
-            batch = global_batch_from_local(host, self.mesh)
-            if self.jitted is None:
-                self.jitted = jit_eval_step(self.eval_fn, self.mesh, self.state_shardings,
-                                            batch_sharding=jax.tree.map(lambda x: x.sharding,
-                                                                        batch))
+        for i, batch in enumerate(self.batches):
             m = jax.device_get(self.jitted(state, batch, i))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        return {f"eval_{k}": v / len(self.host_batches) for k, v in sums.items()}
+        return {f"eval_{k}": v / len(self.batches) for k, v in sums.items()}
 
 
 def _initial_frozen(st, data) -> PyTree:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from unclip_jax.parallel.mesh import mesh_context
+from unclip_jax.parallel.mesh import BATCH_AXES, mesh_context
 from unclip_jax.train.ema import DecayFn, ema_decay_fn, ema_update
 from unclip_jax.train.optim import (
     applied_update_count,
@@ -133,7 +133,7 @@ def _replicated(mesh: Mesh) -> NamedSharding:
 
 def _default_batch_sharding(mesh: Mesh, batch_sharding: Optional[PyTree]) -> PyTree:
     if batch_sharding is None:
-        return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     return batch_sharding
 
 
